@@ -1,0 +1,11 @@
+"""lightning-qlab: QLABGrad, a learning-rate-free step-size rule, for PyTorch and PyTorch Lightning.
+
+The layout follows the dependency order: :mod:`~lightning_qlab.optimizer` (the rule, plain
+PyTorch) <- :mod:`~lightning_qlab.mixin` (inside a LightningModule) <-
+:mod:`~lightning_qlab.callback`, :mod:`~lightning_qlab.models` <- :mod:`~lightning_qlab.cli`.
+"""
+
+from lightning_qlab.optimizer import QLAB, QLABStep, solve_step_size
+
+__all__ = ["QLAB", "QLABStep", "solve_step_size"]
+__version__ = "0.1.0"
