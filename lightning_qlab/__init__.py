@@ -5,7 +5,9 @@ PyTorch) <- :mod:`~lightning_qlab.mixin` (inside a LightningModule) <-
 :mod:`~lightning_qlab.callback`, :mod:`~lightning_qlab.models` <- :mod:`~lightning_qlab.cli`.
 """
 
+from lightning_qlab.callback import QLABMonitor
+from lightning_qlab.mixin import QLABConfig, QLABMixin
 from lightning_qlab.optimizer import QLAB, QLABStep, solve_step_size
 
-__all__ = ["QLAB", "QLABStep", "solve_step_size"]
+__all__ = ["QLAB", "QLABConfig", "QLABMixin", "QLABMonitor", "QLABStep", "solve_step_size"]
 __version__ = "0.1.0"
