@@ -1,0 +1,55 @@
+"""Smoke test of the comparison harness: a tiny budget, every kind of contender, real data."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import compare  # noqa: E402
+
+
+def test_panels_list_every_family() -> None:
+    names = [c.name for c in compare.contenders("mnist-mlp")]
+    families = {c.family for c in compare.contenders("mnist-mlp")}
+    assert families == {"QLAB", "SGD grid", "Momentum grid", "Adam", "LR-free", "floor"}
+    # Each QLAB direction in both modes, and the sweep covers 1e-6 ... 10 in both modes.
+    assert sum(n.startswith("QLAB ") for n in names) == 6
+    sweep = [c.name for c in compare.contenders("sweep")]
+    assert "QLAB sgd safeguarded beta0=1e-06" in sweep and "QLAB sgd paper beta0=10" in sweep
+
+
+def test_harness_runs_and_reports(mnist_root: Path, tmp_path: Path) -> None:
+    only = ["QLAB sgd safeguarded", "SGD lr=0.1", "floor"]
+    if importlib.util.find_spec("schedulefree"):  # the peer that needs train()/eval() switching
+        only.append("Schedule-Free")
+    results = compare.main([
+        "mnist-mlp", "--data-dir", str(mnist_root), "--out", str(tmp_path), "--epochs", "1",
+        "--limit-train-batches", "4", "--threads", "1", "--only", ",".join(only),
+    ])
+    assert [r.status for r in results] == ["ok"] * len(only)
+    assert all(0.0 <= r.test_acc <= 100.0 and r.seconds_per_step > 0 for r in results)
+    qlab = results[0]
+    assert len(qlab.curves["train_loss"]) == 4
+    # QLAB's recorded step sizes are the ones it took (param_group["lr"]), all positive here.
+    assert all(s > 0 for s in qlab.curves["step_size"])
+    table = (tmp_path / "results.md").read_text()
+    for name in only:
+        assert name in table
+    assert "s/step / floor" in table and "command:" in table
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [row["name"] for row in saved] == [r.contender.name for r in results]
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "curves.png").stat().st_size > 0
+        assert (tmp_path / "step_size.png").stat().st_size > 0
+
+
+def test_unknown_selection_is_an_error(mnist_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as raised:
+        compare.main(["mnist-mlp", "--data-dir", str(mnist_root), "--out", str(tmp_path), "--only", "nope"])
+    assert raised.value.code == 2
