@@ -59,6 +59,15 @@ GROWTH_LIMIT = 2.0
 # this many trial forwards (each probe either doubles, halves or jumps to the fitted minimiser).
 MAX_WARM_START_PROBES = 80
 
+# A probe can only measure curvature that stands out of the rounding of the loss values. The
+# warm start trusts a fit when its curvature term A beta^2 exceeds this many machine epsilons of
+# the loss's dtype, relative to the loss (for a float32 loss of 2.3: 32 * 1.2e-7 * 2.3 ~ 9e-6);
+# below that the fitted minimiser is rounding noise, and the probe doubles as if A <= 0. Measured
+# on an MNIST MLP with float32 losses, against the same fit in float64: with A beta^2 at 1
+# epsilon the fitted minimiser was off by 25%, at 10 epsilons by 5%; at 1e-7 epsilons (a first
+# probe at 1e-6) it came out as 1e-6 instead of 5.
+RESOLVED_CURVATURE_EPS = 32.0
+
 
 @dataclass(frozen=True)
 class StepSolution:
@@ -167,18 +176,22 @@ class QLAB(Optimizer):
         * negative fitted curvature extrapolates to the same bound (the paper keeps ``beta``);
         * an inf/NaN trial loss: the step is not taken and ``beta`` halves;
         * a first step that probes until the scale is found (doubling while the parabola opens
-          downwards, halving while the trial loss is not finite, jumping to the fitted minimiser
-          otherwise), at most :data:`MAX_WARM_START_PROBES` trial forwards, once per run.
+          downwards or its curvature is too small to stand out of the loss's rounding, halving
+          while the trial loss is not finite, jumping to the fitted minimiser otherwise), at most
+          :data:`MAX_WARM_START_PROBES` trial forwards, once per run. A probe is never proposed
+          where earlier probes showed the loss on or below its tangent, or not finite; the
+          search then stops at the probed point with the lowest loss.
 
-    In both modes a non-finite or zero gradient skips the step with the parameters and direction
-    state untouched, and a non-finite training loss skips it too (the parameters are moved back
-    from the trial point).
+    In both modes a non-finite or zero gradient, or a non-finite training loss, skips the step
+    with the parameters and the direction state untouched. With ``reduce_losses`` a loss that is
+    finite here but not on another rank is only seen after the trial forward; then every rank
+    moves back from the trial point (to within rounding, identically on all ranks).
 
     Cost: per step one trial forward, one fused update to the trial point and one to the new
     point (``torch._foreach_*``, in place, no copy of the parameters), and two reads of scalars
-    from the device: the squared gradient norm before anything is changed (so that a non-finite
-    gradient changes nothing, as ``torch.amp.GradScaler`` does), and the losses and ``g . d``
-    after the trial forward (for the solve).
+    from the device: the squared gradient norm and the training loss before anything is changed
+    (so that a non-finite gradient or loss changes nothing, as ``torch.amp.GradScaler`` does),
+    and the losses and ``g . d`` after the trial forward (for the solve).
 
     Example:
         >>> import torch
@@ -323,22 +336,42 @@ class QLAB(Optimizer):
         if not params:
             return self._skip(loss, "zero_gradient")
 
-        # Read 1: before anything changes, so that a non-finite gradient changes nothing.
+        # Read 1, before anything changes: the squared gradient norm (so that a non-finite
+        # gradient changes nothing) and, in the same transfer, the local training loss.
         grad_sq = _sum_of_squares(grads)
-        grad_sq_value = grad_sq.item()
+        grad_sq_value, local_loss = torch.stack([grad_sq, loss.to(grad_sq).reshape(())]).tolist()
         if not math.isfinite(grad_sq_value):
             return self._skip(loss, "nonfinite_gradient")
+        if not math.isfinite(local_loss) and reduce_losses is None:
+            # Skipped before the direction state or the parameters move, so nothing changes.
+            # With reduce_losses the decision waits for the reduced loss below: every rank
+            # must take part in the same collectives and make the same decision.
+            return self._skip(loss, "nonfinite_loss")
         if grad_sq_value == 0.0:
             return self._skip(loss, "zero_gradient")
 
-        directions, slope_dot = self._descent_direction(params, grads, groups, grad_sq)
         beta = self.trial_distance
+        if beta * beta == 0.0:
+            # The curvature A = (...) / beta^2 can no longer be represented: the trial distance
+            # has collapsed, which a consistent trial loss never causes (it only shrinks beta
+            # while the loss at beta rises, and a smooth loss stops rising for small beta).
+            raise RuntimeError(
+                f"QLAB: the trial distance collapsed to {beta:.3g} after {self.steps - 1} steps: "
+                "the trial loss kept rising even for vanishing steps. This happens when "
+                "trial_loss_fn does not evaluate the same function as the training forward "
+                "(fresh dropout masks, another batch, eval mode): QLABMixin replays the dropout "
+                "masks for you; in a plain loop, re-seed the RNG or evaluate without dropout."
+            )
+        directions, slope_dot = self._descent_direction(params, grads, groups, grad_sq)
         torch._foreach_add_(params, directions, alpha=-beta)
         probes = 1
-        values = self._read_losses(loss, trial_loss_fn, reduce_losses, slope_dot)
-        train_loss, trial_loss, g_dot_d = values
+        train_loss, trial_loss, g_dot_d = self._read_losses(
+            loss, trial_loss_fn, reduce_losses, slope_dot, params, directions, beta
+        )
 
         if not math.isfinite(train_loss):
+            # Only reachable with reduce_losses (another rank's loss was not finite): every rank
+            # moves back from the trial point by the same arithmetic, so the replicas stay equal.
             torch._foreach_add_(params, directions, alpha=beta)
             return self._skip(loss, "nonfinite_loss", trial_loss=trial_loss, slope=-g_dot_d)
         if self.direction != "sgd" and not g_dot_d > 0.0:
@@ -347,16 +380,18 @@ class QLAB(Optimizer):
 
         solution = solve_step_size(train_loss, trial_loss, -g_dot_d, beta, self.mode)
         if self.mode == "safeguarded" and not self.warm_started:
-            # Warm start: probe until the fitted minimiser lies within the trusted interval.
-            while probes < MAX_WARM_START_PROBES:
-                new_beta = _warm_start_distance(solution, beta)
-                if new_beta is None:
-                    break
-                torch._foreach_add_(params, directions, alpha=beta - new_beta)
-                beta = new_beta
-                probes += 1
-                _, trial_loss, _ = self._read_losses(loss, trial_loss_fn, reduce_losses, slope_dot)
-                solution = solve_step_size(train_loss, trial_loss, -g_dot_d, beta, self.mode)
+
+            def probe(from_distance: float, to_distance: float) -> float:
+                """Move from w - from_distance d to w - to_distance d; the trial loss there."""
+                torch._foreach_add_(params, directions, alpha=from_distance - to_distance)
+                return self._read_losses(
+                    loss, trial_loss_fn, reduce_losses, slope_dot, params, directions, to_distance
+                )[1]
+
+            resolution = RESOLVED_CURVATURE_EPS * torch.finfo(loss.dtype).eps
+            solution, beta, trial_loss, probes = _warm_start(
+                solution, beta, train_loss, trial_loss, g_dot_d, self.mode, probe, resolution
+            )
             self.warm_started = True
             self.events["warm_start_probes"] += probes - 1
 
@@ -455,18 +490,39 @@ class QLAB(Optimizer):
         trial_loss_fn: Callable[[], Tensor],
         reduce_losses: Optional[Callable[[Tensor], Tensor]],
         g_dot_d: Tensor,
+        params: list[Tensor],
+        directions: list[Tensor],
+        beta: float,
     ) -> tuple[float, float, float]:
-        """Evaluate the trial loss and read (c, trial loss, g . d) from the device in one go."""
+        """Evaluate the trial loss at ``w - beta d`` (where the parameters are now) and read
+        (c, trial loss, g . d) from the device in one go.
+
+        If ``trial_loss_fn`` raises or returns something that is not a scalar tensor, the
+        parameters are moved back to ``w`` (by adding ``beta d``) before the error propagates.
+        """
         try:
-            trial = trial_loss_fn()
-        except Exception as error:  # re-raised with the parameters' whereabouts explained
-            raise RuntimeError(
-                "QLAB: trial_loss_fn raised at the trial point; the parameters are left at the "
-                f"trial point w - {self.trial_distance:g} d, so restore them from a checkpoint "
-                "or fix trial_loss_fn and rebuild the model."
-            ) from error
-        trial = _check_loss(trial, "trial_loss_fn()", "the mini-batch loss at the trial point")
-        losses = torch.stack([loss.float().reshape(()), trial.detach().float().reshape(())])
+            try:
+                trial = trial_loss_fn()
+            except Exception as error:
+                raise RuntimeError(
+                    f"QLAB: trial_loss_fn raised at the trial point w - {beta:g} d (see the error "
+                    "above); the parameters were moved back to w. trial_loss_fn must return the "
+                    "same mini-batch's loss at the parameters as they are when it is called."
+                ) from error
+            trial = _check_loss(trial, "trial_loss_fn()", "the mini-batch loss at the trial point")
+            if trial.data_ptr() == loss.data_ptr():
+                raise ValueError(
+                    "QLAB: trial_loss_fn() returned the training loss itself (the same tensor), "
+                    "not the loss recomputed at the trial point; it must run the forward pass, "
+                    "e.g. lambda: loss_fn(model(x), y)."
+                )
+        except Exception:
+            torch._foreach_add_(params, directions, alpha=beta)
+            raise
+        # Loss differences are small: read them in float32 even under half precision, and in
+        # float64 when the model computes in float64.
+        dtype = torch.promote_types(torch.promote_types(loss.dtype, trial.dtype), torch.float32)
+        losses = torch.stack([loss.to(dtype).reshape(()), trial.detach().to(dtype).reshape(())])
         if reduce_losses is not None:
             losses = reduce_losses(losses)
         values = torch.cat([losses.double(), g_dot_d.double().reshape(1).to(losses.device)])
@@ -492,16 +548,77 @@ def groups_with(groups: list, params: list[Tensor], directions: list[Tensor]):
             yield group, params[start:end], directions[start:end]
 
 
-def _warm_start_distance(solution: StepSolution, beta: float) -> Optional[float]:
-    """The next distance to probe on the first step, or None once the scale is found.
+def _warm_start(
+    solution: StepSolution,
+    beta: float,
+    loss: float,
+    trial_loss: float,
+    g_dot_d: float,
+    mode: str,
+    probe: Callable[[float, float], float],
+    resolution: float,
+) -> tuple[StepSolution, float, float, int]:
+    """The first step's search for the scale.
 
-    Halve while the trial loss is not finite, double while the parabola opens downwards, and
-    otherwise jump to the fitted minimiser until it lies within [beta / G, G beta] (G is
-    GROWTH_LIMIT): then the first step is an interpolation, not an extrapolation.
+    Starting from the probe at ``beta`` (already solved in ``solution``), probe again until the
+    fitted minimiser lies within [beta / G, G beta], G = GROWTH_LIMIT: then the first step
+    interpolates. Each probe halves the distance while the trial loss is not finite, doubles it
+    while the parabola opens downwards or its curvature term ``A beta^2`` is lost in the rounding
+    of the loss (below ``resolution * max(|c|, |trial loss|)``), and otherwise jumps to the
+    fitted minimiser. ``probe(from_distance, to_distance)`` moves the parameters and returns the
+    trial loss there.
+
+    The search keeps the bracket its probes established: up to ``below_tangent`` the loss was
+    indistinguishable from or below its tangent (so the minimiser along d lies further out);
+    from ``nonfinite`` on it may not be finite. A proposal outside that bracket means the loss
+    along d is not parabola-like at this scale (for instance concave, then steep), and probing
+    there would only cycle; the search then ends and the first step goes to the probed distance
+    with the lowest trial loss.
+
+    Returns:
+        The solution to apply, the distance the parameters are now at, the trial loss there,
+        and the number of probes spent (the first one included).
+    """
+    below_tangent, nonfinite = 0.0, math.inf
+    best: Optional[tuple[float, float, StepSolution]] = None  # (trial loss, distance, solution)
+    probes = 1
+    while True:
+        resolved = False
+        if solution.event == "nonfinite_trial":
+            nonfinite = min(nonfinite, beta)
+        else:
+            resolved = solution.curvature * beta * beta > resolution * max(abs(loss), abs(trial_loss))
+            if not resolved:
+                below_tangent = max(below_tangent, beta)
+            if best is None or trial_loss < best[0]:
+                best = (trial_loss, beta, solution)
+        if probes >= MAX_WARM_START_PROBES:
+            break
+        new_beta = _warm_start_distance(solution, beta, resolved)
+        if new_beta is None:
+            break
+        if not below_tangent < new_beta < nonfinite and best is not None:
+            _, distance, probed = best
+            solution = StepSolution(distance, distance, probed.curvature, probed.minimiser)
+            break
+        trial_loss = probe(beta, new_beta)
+        beta = new_beta
+        probes += 1
+        solution = solve_step_size(loss, trial_loss, -g_dot_d, beta, mode)
+    return solution, beta, trial_loss, probes
+
+
+def _warm_start_distance(solution: StepSolution, beta: float, resolved: bool) -> Optional[float]:
+    """The next distance the warm start proposes to probe, or None once the scale is found.
+
+    Halve while the trial loss is not finite, double while the fitted curvature is not positive
+    or not ``resolved`` from rounding, and otherwise jump to the fitted minimiser until it lies
+    within [beta / G, G beta] (G is GROWTH_LIMIT): then the first step is an interpolation, not
+    an extrapolation.
     """
     if solution.event == "nonfinite_trial":
         return beta / 2.0
-    if solution.curvature <= 0.0:
+    if not resolved:
         return GROWTH_LIMIT * beta
     if beta / GROWTH_LIMIT <= solution.minimiser <= GROWTH_LIMIT * beta:
         return None

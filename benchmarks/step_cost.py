@@ -1,0 +1,147 @@
+"""What does a QLAB step cost? Time per training step: QLAB vs SGD vs the "floor".
+
+QLAB needs one extra forward pass per step, so its natural floor is an SGD step plus one
+no-grad forward on the same batch. This script times, per model:
+
+* ``sgd``:   zero_grad, forward, backward, ``torch.optim.SGD.step``;
+* ``floor``: the same, plus one no-grad forward of the loss on the same batch;
+* ``qlab``:  zero_grad, forward, backward, ``QLAB.step(loss, trial_loss_fn)``.
+
+Each variant trains its own copy of the model on the same data. The runs are interleaved
+(sgd, floor, qlab, sgd, floor, qlab, ...) so that drifts of the machine hit all three alike;
+each timing covers a block of steps, after warm-up; the table reports medians per step.
+The target is QLAB within 1.05x of the floor: everything QLAB adds beyond the trial forward
+(reading the gradient norm, moving to the trial point and on to the new point) should be noise.
+
+Run:
+
+    python benchmarks/step_cost.py --threads 2
+    python benchmarks/step_cost.py --threads 1 --repeats 50 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from lightning_qlab.optimizer import QLAB
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 1000), nn.ReLU(), nn.Linear(1000, 1000), nn.ReLU(), nn.Linear(1000, 10)
+    )
+
+
+def small_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * 8 * 8, 128), nn.ReLU(), nn.Linear(128, 10),
+    )
+
+
+MODELS = {
+    "MLP 784-1000-1000-10, batch 128": (mlp, (128, 1, 28, 28)),
+    "CNN 2 conv + 2 fc (CIFAR-sized), batch 64": (small_cnn, (64, 3, 32, 32)),
+}
+
+
+def make_steppers(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Callable[[], None]]:
+    """One training-step function per variant, each with its own copy of the model."""
+    loss_fn = nn.CrossEntropyLoss()
+    steppers = {}
+
+    sgd_model = copy.deepcopy(model)
+    sgd = torch.optim.SGD(sgd_model.parameters(), lr=0.01)
+
+    def sgd_step() -> None:
+        sgd.zero_grad(set_to_none=True)
+        loss_fn(sgd_model(x), y).backward()
+        sgd.step()
+
+    floor_model = copy.deepcopy(model)
+    floor_sgd = torch.optim.SGD(floor_model.parameters(), lr=0.01)
+
+    def floor_step() -> None:
+        floor_sgd.zero_grad(set_to_none=True)
+        loss_fn(floor_model(x), y).backward()
+        floor_sgd.step()
+        with torch.no_grad():
+            loss_fn(floor_model(x), y).item()  # the trial forward, and its read of the loss
+
+    qlab_model = copy.deepcopy(model)
+    qlab = QLAB(qlab_model.parameters(), initial_step=0.01)
+
+    def qlab_step() -> None:
+        qlab.zero_grad(set_to_none=True)
+        loss = loss_fn(qlab_model(x), y)
+        loss.backward()
+        qlab.step(loss, lambda: loss_fn(qlab_model(x), y))
+
+    steppers["sgd"], steppers["floor"], steppers["qlab"] = sgd_step, floor_step, qlab_step
+    return steppers
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_variants(steppers: dict[str, Callable[[], None]], device: torch.device, warmup: int,
+                  repeats: int, block: int) -> dict[str, list[float]]:
+    """Seconds per step of each block of ``block`` steps, interleaving the variants."""
+    for step in steppers.values():
+        for _ in range(warmup):
+            step()
+    synchronize(device)
+    times: dict[str, list[float]] = {name: [] for name in steppers}
+    for _ in range(repeats):
+        for name, step in steppers.items():
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(block):
+                step()
+            synchronize(device)
+            times[name].append((time.perf_counter() - start) / block)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--warmup", type=int, default=10, help="steps per variant before timing")
+    parser.add_argument("--repeats", type=int, default=30, help="timed blocks per variant")
+    parser.add_argument("--block", type=int, default=5, help="steps per timed block")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "
+          f"{args.repeats} blocks of {args.block} steps per variant after {args.warmup} warm-up steps; "
+          "medians per step\n")
+    rows = []
+    for name, (build, shape) in MODELS.items():
+        torch.manual_seed(0)
+        model = build().to(device)
+        x = torch.randn(shape, device=device)
+        y = torch.randint(0, 10, (shape[0],), device=device)
+        times = time_variants(make_steppers(model, x, y), device, args.warmup, args.repeats, args.block)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        n_params = sum(p.numel() for p in model.parameters())
+        rows.append((name, n_params, med))
+    print("| model | params | SGD (ms) | floor: SGD + forward (ms) | QLAB (ms) | QLAB / SGD | QLAB / floor |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, n_params, med in rows:
+        print(f"| {name} | {n_params / 1e6:.2f} M | {1e3 * med['sgd']:.2f} | {1e3 * med['floor']:.2f} | "
+              f"{1e3 * med['qlab']:.2f} | {med['qlab'] / med['sgd']:.3f} | {med['qlab'] / med['floor']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

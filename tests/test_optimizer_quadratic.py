@@ -1,0 +1,245 @@
+"""On a quadratic the QLAB rule is exact line search: the sharpest test of the step size.
+
+For f(w) = 1/2 w^T H w - k^T w the loss along -d is exactly a parabola, so the fitted minimiser
+is the exact line-search step (g . d) / (d^T H d). The direction d is computed here from its
+textbook formula (not read back from the optimizer's displacement), in float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor
+
+from lightning_qlab.optimizer import GROWTH_LIMIT, QLAB, solve_step_size
+
+DIM = (5, 3)  # the parameter vector is split into two tensors, in two groups
+GROUP_OPTIONS = [
+    dict(momentum=0.9, betas=(0.9, 0.999), eps=1e-8),
+    dict(momentum=0.5, betas=(0.8, 0.99), eps=1e-6),
+]
+
+
+def random_quadratic(eigenvalues: list[float], seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """H = Q diag(eigenvalues) Q^T with a random rotation Q, a random k and a start w0."""
+    gen = torch.Generator().manual_seed(seed)
+    n = len(eigenvalues)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    hessian = q @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ q.T
+    hessian = (hessian + hessian.T) / 2
+    k = torch.randn(n, generator=gen, dtype=torch.float64)
+    w0 = 3.0 * torch.randn(n, generator=gen, dtype=torch.float64)
+    return hessian, k, w0
+
+
+class TextbookDirection:
+    """d from the direction's formula, group by group, in float64."""
+
+    def __init__(self, direction: str) -> None:
+        self.direction = direction
+        self.t = 0
+        self.m: list[Tensor] = [torch.zeros(n, dtype=torch.float64) for n in DIM]
+        self.v: list[Tensor] = [torch.zeros(n, dtype=torch.float64) for n in DIM]
+
+    def __call__(self, grad: Tensor) -> Tensor:
+        parts = list(torch.split(grad, DIM))
+        if self.direction == "sgd":
+            return grad.clone()
+        self.t += 1
+        out = []
+        for i, (g, options) in enumerate(zip(parts, GROUP_OPTIONS)):
+            if self.direction == "momentum":
+                self.m[i] = options["momentum"] * self.m[i] + g
+                out.append(self.m[i])
+            else:
+                beta1, beta2 = options["betas"]
+                self.m[i] = beta1 * self.m[i] + (1 - beta1) * g
+                self.v[i] = beta2 * self.v[i] + (1 - beta2) * g * g
+                m_hat = self.m[i] / (1 - beta1**self.t)
+                v_hat = self.v[i] / (1 - beta2**self.t)
+                out.append(m_hat / (v_hat.sqrt() + options["eps"]))
+        return torch.cat(out)
+
+
+def make_optimizer(w0: Tensor, direction: str, mode: str, initial_step: float):
+    params = [torch.nn.Parameter(part.clone()) for part in torch.split(w0, DIM)]
+    groups = [{"params": [p], **options} for p, options in zip(params, GROUP_OPTIONS)]
+    return params, QLAB(groups, initial_step=initial_step, direction=direction, mode=mode)
+
+
+def quadratic_steps(hessian: Tensor, k: Tensor, w0: Tensor, direction: str, mode: str,
+                    initial_step: float, steps: int):
+    """Run QLAB on f; yield (w before, g, d, step size taken, last_step) per step."""
+    params, opt = make_optimizer(w0, direction, mode, initial_step)
+    textbook = TextbookDirection(direction)
+
+    def f() -> Tensor:
+        w = torch.cat(params)
+        return 0.5 * w @ hessian @ w - k @ w
+
+    for _ in range(steps):
+        w = torch.cat([p.detach() for p in params])
+        grad = hessian @ w - k
+        d = textbook(grad)
+        opt.zero_grad()
+        loss = f()
+        loss.backward()
+        opt.step(loss, f)
+        w_new = torch.cat([p.detach() for p in params])
+        a = opt.last_step.step_size
+        # The parameters moved by exactly -a d, with d from the textbook formula.
+        assert (w_new - (w - a * d)).abs().max() <= 1e-12 * w.abs().max()
+        yield w, grad, d, a, opt.last_step
+
+
+@pytest.mark.parametrize("direction", ["sgd", "momentum", "adam"])
+def test_paper_mode_is_exact_line_search(direction: str) -> None:
+    hessian, k, w0 = random_quadratic([1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.0, 10.0], seed=0)
+    seen = 0
+    for _, grad, d, a, last in quadratic_steps(hessian, k, w0, direction, "paper", 1e-2, steps=12):
+        if last.event == "not_descent":  # momentum/Adam may point uphill; QLAB then skips
+            assert a == 0.0 and grad @ d <= 0
+            continue
+        exact = (grad @ d) / (d @ hessian @ d)
+        assert a == pytest.approx(exact.item(), rel=1e-10, abs=0.0)
+        assert last.curvature == pytest.approx((d @ hessian @ d).item() / 2, rel=1e-8)
+        assert last.event is None
+        seen += 1
+    assert seen >= 8
+
+
+@pytest.mark.parametrize("direction", ["sgd", "momentum", "adam"])
+def test_safeguarded_mode_is_line_search_with_bounded_growth(direction: str) -> None:
+    """Exact line search, except that a step more than GROWTH_LIMIT times the previous one is
+    capped there; the first step (warm start) lands on the exact step from any initial step."""
+    hessian, k, w0 = random_quadratic([1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 50.0, 100.0], seed=5)
+    previous = None
+    capped = 0
+    for _, grad, d, a, last in quadratic_steps(hessian, k, w0, direction, "safeguarded", 1e-7, steps=12):
+        if last.event == "not_descent":
+            assert a == 0.0 and grad @ d <= 0
+            continue
+        exact = ((grad @ d) / (d @ hessian @ d)).item()
+        if previous is None:
+            assert last.probes == 2  # 1e-7 -> exact minimiser -> confirmed there
+            expected = exact
+        else:
+            expected = min(exact, GROWTH_LIMIT * previous)
+        if previous is not None and exact > GROWTH_LIMIT * previous:
+            assert last.event == "extrapolation_capped"
+            capped += 1
+        else:
+            assert last.event is None
+        assert a == pytest.approx(expected, rel=1e-10, abs=0.0)
+        previous = a
+    assert capped >= 1, "this problem is meant to exercise the extrapolation bound"
+
+
+def test_paper_mode_on_an_indefinite_quadratic_keeps_the_step_where_the_curvature_is_negative() -> None:
+    """Branch by branch: A > 0 gives the exact line search step, A <= 0 keeps the previous one."""
+    hessian, _, _ = random_quadratic([-3.0, -1.0, 1.0, 1.2, 1.5, 2.0, 2.5, 3.0], seed=2)
+    k = torch.zeros(8, dtype=torch.float64)
+    # Start almost on the convex eigenvectors: the first steps see positive curvature, and as
+    # the convex components shrink the growing concave ones make it negative.
+    _, eigenvectors = torch.linalg.eigh(hessian)  # eigenvalues in ascending order
+    w0 = eigenvectors @ torch.tensor([1e-4, 1e-4, 2.0, -3.0, 1.0, 2.5, -1.0, 1.5], dtype=torch.float64)
+    beta = 1e-2
+    branches = []
+    for _, grad, d, a, last in quadratic_steps(hessian, k, w0, "sgd", "paper", beta, steps=12):
+        d_h_d = (d @ hessian @ d).item()
+        assert last.trial_distance == beta
+        if d_h_d > 0:
+            expected, event = (grad @ d).item() / d_h_d, None
+        else:
+            expected, event = beta, "negative_curvature"
+        assert last.event == event
+        assert a == pytest.approx(expected, rel=1e-9, abs=0.0)
+        branches.append(event)
+        beta = a
+    assert branches == [None] * 6 + ["negative_curvature"] * 6
+
+
+def test_paper_mode_on_a_concave_quadratic_steps_the_initial_distance_forever() -> None:
+    hessian, k, w0 = random_quadratic([-1.0, -2.0, -3.0, -4.0, -5.0, -6.0, -7.0, -8.0], seed=3)
+    for w, grad, d, a, last in quadratic_steps(hessian, k, w0, "momentum", "paper", 0.05, steps=6):
+        assert last.event == "negative_curvature"
+        assert a == 0.05
+        assert last.curvature == pytest.approx((d @ hessian @ d).item() / 2, rel=1e-8)
+
+
+@pytest.mark.parametrize("direction", ["sgd", "momentum", "adam"])
+def test_weight_decay_is_decoupled_from_the_fitted_step(direction: str) -> None:
+    """w <- w (1 - a lambda) - a d, where a is still the exact line search on the data loss."""
+    hessian, k, w0 = random_quadratic([1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.0, 10.0], seed=4)
+    params, opt = make_optimizer(w0, direction, "paper", 1e-2)
+    decays = (0.1, 0.0)
+    for group, decay in zip(opt.param_groups, decays):
+        group["weight_decay"] = decay
+    textbook = TextbookDirection(direction)
+
+    def f() -> Tensor:
+        w = torch.cat(params)
+        return 0.5 * w @ hessian @ w - k @ w
+
+    for _ in range(6):
+        w = torch.cat([p.detach() for p in params])
+        grad = hessian @ w - k
+        d = textbook(grad)
+        opt.zero_grad()
+        loss = f()
+        loss.backward()
+        opt.step(loss, f)
+        a = opt.last_step.step_size
+        if opt.last_step.event == "not_descent":
+            continue
+        assert a == pytest.approx(((grad @ d) / (d @ hessian @ d)).item(), rel=1e-10, abs=0.0)
+        decay = torch.cat([torch.full((n,), lam, dtype=torch.float64) for n, lam in zip(DIM, decays)])
+        expected = w * (1 - a * decay) - a * d
+        assert (torch.cat([p.detach() for p in params]) - expected).abs().max() <= 1e-12 * w.abs().max()
+
+
+# ---------------------------------------------------------------- the rule on exact parabolas
+# phi(a) = 1 - 2a + a^2: c = 1, b = -2, A = 1, minimiser 1.
+def phi(a: float) -> float:
+    return 1.0 - 2.0 * a + a * a
+
+
+@pytest.mark.parametrize("mode", ["safeguarded", "paper"])
+@pytest.mark.parametrize("beta", [0.5, 0.75, 1.0, 2.0])
+def test_solve_finds_the_parabola_minimum(mode: str, beta: float) -> None:
+    sol = solve_step_size(phi(0), phi(beta), -2.0, beta, mode)
+    found = (sol.step_size, sol.next_trial_distance, sol.curvature, sol.minimiser, sol.event)
+    assert found == (1.0, 1.0, 1.0, 1.0, None)
+
+
+def test_solve_caps_extrapolation_beyond_the_growth_limit_in_safeguarded_mode_only() -> None:
+    sol = solve_step_size(phi(0), phi(0.25), -2.0, 0.25, "safeguarded")
+    found = (sol.step_size, sol.next_trial_distance, sol.minimiser, sol.event)
+    assert found == (0.5, 0.5, 1.0, "extrapolation_capped")
+    sol = solve_step_size(phi(0), phi(0.25), -2.0, 0.25, "paper")
+    assert (sol.step_size, sol.next_trial_distance, sol.event) == (1.0, 1.0, None)
+
+
+def test_solve_when_the_trial_loss_rose_steps_less_than_half_the_distance() -> None:
+    sol = solve_step_size(phi(0), phi(4.0), -2.0, 4.0, "paper")  # phi(4) = 9 > phi(0)
+    assert sol.step_size == 1.0 < 4.0 / 2
+
+
+@pytest.mark.parametrize("mode, step", [("paper", 0.5), ("safeguarded", 1.0)])
+def test_solve_on_negative_curvature(mode: str, step: float) -> None:
+    # phi(a) = 1 - 2a - a^2: A = -1
+    sol = solve_step_size(1.0, 1.0 - 2 * 0.5 - 0.25, -2.0, 0.5, mode)
+    found = (sol.step_size, sol.next_trial_distance, sol.curvature, sol.event)
+    assert found == (step, step, -1.0, "negative_curvature")
+    assert math.isnan(sol.minimiser)
+    # On the tangent line exactly (A = 0) the same branch applies.
+    assert solve_step_size(1.0, 0.0, -2.0, 0.5, mode).event == "negative_curvature"
+
+
+@pytest.mark.parametrize("mode", ["safeguarded", "paper"])
+@pytest.mark.parametrize("trial", [math.inf, -math.inf, math.nan])
+def test_solve_on_a_nonfinite_trial_loss_takes_no_step_and_halves(mode: str, trial: float) -> None:
+    sol = solve_step_size(1.0, trial, -2.0, 0.5, mode)
+    assert (sol.step_size, sol.next_trial_distance, sol.event) == (0.0, 0.25, "nonfinite_trial")
