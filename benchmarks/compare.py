@@ -99,6 +99,8 @@ PANELS = {
     "mnist-mlp": Panel("configs/mnist_mlp.yaml", 3, 97.0),
     "cifar10-cnn": Panel("configs/cifar10_cnn.yaml", 5, 60.0, ("--data.init_args.layout", "image_folder")),
     "sweep": Panel("configs/mnist_mlp.yaml", 3, 97.0),
+    # The GPU panel (benchmarks/gpu.sh): ResNet-18 on CIFAR-10, a budget that fits 8 minutes on one H200.
+    "cifar10-resnet18": Panel("configs/cifar10_resnet18.yaml", 2, 50.0, ("--data.init_args.layout", "image_folder")),
 }
 
 
@@ -223,6 +225,7 @@ def run_one(contender: Contender, panel: Panel, args: argparse.Namespace, data_d
         "--trainer.val_check_interval", str(args.val_check_interval),
         *panel.data_args,
         *contender.overrides,
+        *args.cli_args,
     ]
     if args.limit_train_batches is not None:
         cli_args += ["--trainer.limit_train_batches", str(args.limit_train_batches),
@@ -267,7 +270,7 @@ def prepare_data(panel: str, args: argparse.Namespace) -> Path:
         sys.exit("compare.py: give --data-dir (the data set's folder) or --shared-data (the offline copy)")
     shared = Path(args.shared_data)
     cache = Path(args.cache_dir)
-    if PANELS[panel].config.startswith("configs/mnist"):
+    if "mnist" in PANELS[panel].config:
         target = cache / "mnist"
         if not (target / "MNIST" / "raw").is_dir():
             shutil.copytree(shared / "MNIST" / "raw", target / "MNIST" / "raw")
@@ -402,7 +405,11 @@ def main(argv: Optional[list[str]] = None) -> list[RunResult]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()))
     parser.add_argument("--num-workers", type=int, default=0)
-    args = parser.parse_args(argv)
+    parser.epilog = "Arguments after -- go to the CLI unchanged, e.g. -- --trainer.accelerator gpu"
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])
+    args.cli_args = argv[split + 1:]
 
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / args.panel
     out.mkdir(parents=True, exist_ok=True)
