@@ -51,7 +51,7 @@ class QLABConfig:
     accumulation and clipping.
 
     Every field can be set from YAML through the module's ``__init__`` (for example
-    ``model.qlab_config.accumulate_batches: 4`` with LightningCLI).
+    ``model.init_args.qlab_config.accumulate_batches: 4`` with LightningCLI).
 
     Args:
         direction: descent direction, passed to :class:`~lightning_qlab.optimizer.QLAB`
@@ -605,7 +605,7 @@ def _check_trainer_options(trainer: Any) -> None:
             f"Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches}) does not work with "
             "QLABMixin (Lightning only accumulates under automatic optimization). Remove it from the "
             "Trainer and set it on the module: qlab_config=QLABConfig(accumulate_batches="
-            f"{trainer.accumulate_grad_batches}) (YAML: model.qlab_config.accumulate_batches)."
+            f"{trainer.accumulate_grad_batches}) (YAML: model.init_args.qlab_config.accumulate_batches)."
         )
     if trainer.gradient_clip_val is not None and trainer.gradient_clip_val > 0:
         field_name = "gradient_clip_value" if trainer.gradient_clip_algorithm == "value" else "gradient_clip_norm"
@@ -613,5 +613,5 @@ def _check_trainer_options(trainer: Any) -> None:
             f"Trainer(gradient_clip_val={trainer.gradient_clip_val}) does not work with QLABMixin "
             "(Lightning only clips under automatic optimization). Remove it from the Trainer and set "
             f"it on the module: qlab_config=QLABConfig({field_name}={trainer.gradient_clip_val}) "
-            f"(YAML: model.qlab_config.{field_name}); QLABConfig also has gradient_clip_value."
+            f"(YAML: model.init_args.qlab_config.{field_name}); QLABConfig also has gradient_clip_value."
         )

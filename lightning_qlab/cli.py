@@ -1,0 +1,314 @@
+"""The ``lightning`` and ``lightning-qlab`` commands: Lightning's CLI with the package's models.
+
+``lightning fit --config configs/mnist_mlp.yaml`` trains; ``validate``, ``test`` and ``predict``
+work the same way. Any LightningModule and LightningDataModule can be chosen by class path, in
+YAML (``model: {class_path: ..., init_args: {...}}``) or as flags (``--model ImageClassifier``);
+the package's own are importable by their short names. Several ``--config`` files compose, later
+ones overriding earlier ones (``--config configs/mnist_mlp.yaml --config configs/trainer/ddp.yaml``).
+
+The ``lightning`` command name is shared with the Lightning AI platform CLI (package
+``lightning-sdk``). ``fit``, ``validate``, ``test`` and ``predict`` are ours; any other subcommand
+(``login``, ``run``, ...) is handed to ``lightning_sdk``'s CLI when it is installed.
+
+Errors in the configuration (unknown class paths or keys, invalid values) and missing data end
+with one ``error:`` line and a non-zero exit status, not a stack trace; with the environment
+variable ``JSONARGPARSE_DEBUG=true`` they are raised with their full traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, NoReturn, Optional, Sequence
+
+from jsonargparse import DefaultHelpFormatter
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from typing_extensions import override
+
+# Imported so that their classes resolve by short name (``--model ImageClassifier``).
+import lightning_qlab.data as qlab_data
+import lightning_qlab.models as qlab_models
+from lightning_qlab.data import DataMismatchError, DataNotFoundError
+
+__all__ = ["QLABLightningCLI", "main", "lightning_main", "OUR_SUBCOMMANDS"]
+
+OUR_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+# Exit statuses: 2 for a configuration the parser or a class rejects (argparse's convention),
+# 1 for data that is missing or does not fit the configuration.
+EXIT_BAD_CONFIG = 2
+EXIT_DATA = 1
+
+# The configs shipped with a source checkout, next to the package.
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class _HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """jsonargparse's formatter, keeping the line breaks of the description and epilog."""
+
+
+class QLABArgumentParser(LightningArgumentParser):
+    """Lightning's parser, reporting a rejected configuration as one ``error:`` line.
+
+    jsonargparse explains a rejected value with the full usage and a tree of every type it
+    tried; the line printed here keeps the key, the class path and the reason.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # No abbreviations: ``--trainer.max_epoch`` must be an error, not ``max_epochs``.
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    @override
+    def error(self, message: str, ex: Optional[Exception] = None) -> NoReturn:
+        if not self.exit_on_error or _debugging():
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        _fail(parser.prog.replace(" [options]", ""), summarise_parse_error(message), EXIT_BAD_CONFIG)
+
+
+def summarise_parse_error(message: str) -> str:
+    r"""One line from jsonargparse's multi-line error: where (key, class path) and why.
+
+    Example:
+        >>> summarise_parse_error(
+        ...     'Parser key "data":\n  Does not validate against any of the Union subtypes\n'
+        ...     "  Errors:\n    - Problem with given class_path 'my.Data':\n"
+        ...     "        Option 'batchsize' is not accepted\n    - Expected a <class 'NoneType'>\n"
+        ...     "  Given value type: <class 'dict'>")
+        "data: Option 'batchsize' is not accepted (class_path my.Data)"
+    """
+    keys: list[str] = []
+    class_path = None
+    reasons: list[str] = []
+    for line in message.splitlines():
+        text = line.strip()
+        if text.startswith("- "):
+            text = text[2:]
+        key = re.fullmatch(r'Parser key "([^"]+)":', text)
+        problem = re.fullmatch(r"Problem with given class_path '([^']+)':", text)
+        if key:
+            keys.append(key.group(1))
+        elif problem:
+            class_path = problem.group(1)
+        elif text and not text.startswith(_PARSE_ERROR_NOISE):
+            reasons.append(text)
+    if not reasons:
+        return " ".join(message.split())
+    where = ".".join(keys)
+    summary = f"{where}: {reasons[0]}" if where else reasons[0]
+    if class_path and class_path not in summary:
+        summary += f" (class_path {class_path})"
+    return summary
+
+
+# Lines of a jsonargparse error that describe the parser's attempts, not the problem.
+_PARSE_ERROR_NOISE = (
+    "Does not validate against any of the",
+    "Subtypes:",
+    "Errors:",
+    "Expected a <class 'NoneType'>",
+    "Given value",
+)
+
+
+class QLABLightningCLI(LightningCLI):
+    """``LightningCLI`` for lightning-qlab: any model and datamodule by class path, help that
+    lists the package's models, datamodules and configs, and no top-level ``--optimizer``.
+
+    Lightning's automatic ``--optimizer``/``--lr_scheduler`` groups are switched off: QLABGrad
+    runs inside the model (manual optimization), and a baseline optimizer is chosen with the
+    model's own ``optimizer`` argument (``model.init_args.optimizer`` in YAML; see
+    ``configs/baselines/``), so that one module serves both.
+
+    Example:
+        >>> cli = QLABLightningCLI(args=["--config", "configs/mnist_mlp.yaml"], run=False)  # doctest: +SKIP
+        >>> cli.trainer.fit(cli.model, cli.datamodule)  # doctest: +SKIP
+    """
+
+    def __init__(self, args: Optional[Sequence[str]] = None, run: bool = True, **kwargs: Any) -> None:
+        catalogue = describe_catalogue()
+        parser_kwargs = {
+            "formatter_class": _HelpFormatter,
+            "description": "Train, validate, test and predict with QLABGrad (lightning-qlab).\n\n"
+            + catalogue,
+            **{subcommand: {"formatter_class": _HelpFormatter, "epilog": catalogue}
+               for subcommand in OUR_SUBCOMMANDS},
+        }
+        parser_kwargs.update(kwargs.pop("parser_kwargs", None) or {})
+        super().__init__(
+            parser_class=QLABArgumentParser,
+            # None: any LightningModule / LightningDataModule by class path; data is optional
+            # (a module may bring its own dataloaders).
+            model_class=None,
+            datamodule_class=None,
+            auto_configure_optimizers=False,
+            parser_kwargs=parser_kwargs,
+            args=list(args) if args is not None else None,
+            run=run,
+            **kwargs,
+        )
+
+    @override
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        # Caught here rather than deep inside fit: a model and data set that disagree on the
+        # number of classes is a configuration error.
+        model_classes = getattr(self.model, "num_classes", None)
+        data_classes = getattr(self.datamodule, "num_classes", None)
+        if isinstance(model_classes, int) and isinstance(data_classes, int) and model_classes != data_classes:
+            raise _ConfigError(
+                f"the data ({type(self.datamodule).__name__}) has {data_classes} classes but the "
+                f"model ({type(self.model).__name__}) has num_classes={model_classes}; set "
+                f"model.init_args.num_classes (and the backbone's num_classes) to {data_classes}."
+            )
+
+    @override
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError, MisconfigurationException) as error:
+            # A class rejected its arguments (a negative batch size, a GPU preset on a machine
+            # without GPUs): the configuration is wrong, not the program; report it like a
+            # parse error.
+            raise _ConfigError(summarise_parse_error(str(error))) from error
+
+
+class _ConfigError(Exception):
+    """A class rejected the arguments the configuration gave it."""
+
+
+def describe_catalogue() -> str:
+    """The models, datamodules, backbones and configs this package offers, for ``--help``."""
+    backbones = [name for name in qlab_models.__all__ if name != "ImageClassifier"]
+    datamodules = [name for name in qlab_data.__all__
+                   if name.endswith("DataModule") and name != "ImageClassificationDataModule"]
+    lines = ["Models (--model NAME, or model.class_path: lightning_qlab.models.NAME in YAML):"]
+    lines += _describe_classes(qlab_models, ["ImageClassifier"])
+    lines.append("Backbones (model.init_args.backbone.class_path: lightning_qlab.models.NAME; "
+                 "any torch.nn.Module works):")
+    lines += _describe_classes(qlab_models, backbones)
+    lines.append("DataModules (--data NAME, or data.class_path: lightning_qlab.data.NAME in YAML):")
+    lines += _describe_classes(qlab_data, datamodules)
+    configs = sorted(CONFIGS_DIR.rglob("*.yaml")) if CONFIGS_DIR.is_dir() else []
+    lines.append(f"Configs in {_display_path(CONFIGS_DIR.parent)} (--config FILE, repeatable: later "
+                 "files override earlier ones):")
+    if configs:
+        for path in configs:
+            lines.append(f"  {str(path.relative_to(CONFIGS_DIR.parent)):<32} {_first_comment(path)}")
+    else:
+        lines.append("  (none found: the configs/ folder ships with the source checkout)")
+    lines.append("Any other LightningModule or LightningDataModule works by its full class path too.")
+    return "\n".join(lines)
+
+
+def _describe_classes(package: Any, names: list[str]) -> list[str]:
+    """``  Name   first sentence of its docstring`` for each class."""
+    described = []
+    for name in names:
+        doc = " ".join((getattr(package, name).__doc__ or "").strip().split("\n\n")[0].split())
+        summary = doc.split(". ")[0].rstrip(".")
+        described.append(f"  {name:<32} {summary}")
+    return described
+
+
+def _display_path(path: Path) -> str:
+    """``path`` relative to the working directory when it is inside it (``.`` for the same)."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _first_comment(path: Path) -> str:
+    """The first ``#`` comment line of a config file: its one-line description."""
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            if line.startswith("#"):
+                return line.lstrip("#").strip()
+    return ""
+
+
+def _debugging() -> bool:
+    """jsonargparse's debug switch (``JSONARGPARSE_DEBUG=true``): errors with their traceback."""
+    return os.environ.get("JSONARGPARSE_DEBUG", "").lower() == "true"
+
+
+def _fail(prog: str, message: str, status: int) -> NoReturn:
+    sys.stderr.write(f"{prog}: error: {message}\n")
+    sys.stderr.flush()
+    raise SystemExit(status)
+
+
+def main(args: Optional[Sequence[str]] = None, prog: str = "lightning-qlab") -> None:
+    """Entry point of the ``lightning-qlab`` command (fit, validate, test, predict).
+
+    Args:
+        args: the command line without the program name; ``None`` reads ``sys.argv``.
+        prog: the program name shown in messages.
+
+    Example:
+        >>> main(["fit", "--config", "configs/mnist_mlp.yaml", "--trainer.fast_dev_run", "true"])  # doctest: +SKIP
+    """
+    if _debugging():
+        QLABLightningCLI(args=args, parser_kwargs={"prog": prog})
+        return
+    try:
+        QLABLightningCLI(args=args, parser_kwargs={"prog": prog})
+    except _ConfigError as error:
+        _fail(prog, f"invalid configuration: {error}", EXIT_BAD_CONFIG)
+    except MisconfigurationException as error:
+        # Raised by Lightning (or the QLAB mixin) once the run starts, for settings that do not
+        # work together, e.g. Trainer(accumulate_grad_batches=4) with QLABGrad's manual
+        # optimization; the message says what to use instead.
+        _fail(prog, f"invalid configuration: {' '.join(str(error).split())}", EXIT_BAD_CONFIG)
+    except (DataNotFoundError, DataMismatchError) as error:
+        _fail(prog, " ".join(str(error).split()), EXIT_DATA)
+
+
+def lightning_main(argv: Optional[Sequence[str]] = None) -> None:
+    """Entry point of the ``lightning`` command.
+
+    ``fit``/``validate``/``test``/``predict`` (and ``--help``) run :func:`main`; any other
+    subcommand goes to the Lightning AI platform CLI of ``lightning_sdk`` when it is installed,
+    and otherwise ends with a message saying how to get it.
+    """
+    words = list(sys.argv[1:] if argv is None else argv)
+    if not words or words[0].startswith("-") or words[0] in OUR_SUBCOMMANDS:
+        # None lets LightningCLI read sys.argv itself (it warns when given both).
+        main(None if argv is None else words, prog="lightning")
+        return
+    _hand_to_lightning_sdk(words)
+
+
+def _hand_to_lightning_sdk(argv: list[str]) -> None:
+    if importlib.util.find_spec("lightning_sdk") is None:
+        _fail(
+            "lightning",
+            f"{argv[0]!r} is not a lightning-qlab command (those are {', '.join(OUR_SUBCOMMANDS)}). "
+            "Other subcommands belong to the Lightning AI platform CLI: pip install lightning-sdk",
+            EXIT_BAD_CONFIG,
+        )
+    try:
+        from lightning_sdk.cli.entrypoint import main_cli
+    except ImportError as error:
+        _fail(
+            "lightning",
+            f"lightning_sdk is installed but its CLI could not be loaded ({error}); "
+            "run its commands through lightning_sdk's own entry point.",
+            EXIT_BAD_CONFIG,
+        )
+    # lightning_sdk's CLI reads sys.argv, as when it is installed as the `lightning` command.
+    sys.argv = ["lightning", *argv]
+    status = main_cli()
+    if status not in (None, 0):
+        raise SystemExit(status)
+
+
+if __name__ == "__main__":
+    lightning_main()

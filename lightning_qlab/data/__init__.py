@@ -1,0 +1,20 @@
+"""LightningDataModules for the image-classification pairs of the QLABGrad paper.
+
+Every module downloads (where the data set allows it) in ``prepare_data``, splits a seeded
+validation set off the training images, and raises :class:`DataNotFoundError` saying what to
+put where when the data is neither on disk nor downloadable.
+"""
+
+from lightning_qlab.data.base import DataMismatchError, DataNotFoundError, ImageClassificationDataModule
+from lightning_qlab.data.cifar10 import CIFAR10DataModule
+from lightning_qlab.data.imagenet import ImageNetDataModule
+from lightning_qlab.data.mnist import MNISTDataModule
+
+__all__ = [
+    "CIFAR10DataModule",
+    "DataMismatchError",
+    "DataNotFoundError",
+    "ImageClassificationDataModule",
+    "ImageNetDataModule",
+    "MNISTDataModule",
+]
