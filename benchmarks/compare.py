@@ -242,8 +242,11 @@ def run_one(contender: Contender, panel: Panel, args: argparse.Namespace, data_d
     result.test_acc = 100 * float(tested[0]["test_acc"])
     tail = recorder.train_loss[-50:]
     result.final_train_loss = sum(tail) / len(tail) if tail else math.nan
+    head = recorder.train_loss[:50]
     if not all(math.isfinite(x) for x in recorder.train_loss):
         result.status = "non-finite loss"
+    elif head and len(recorder.train_loss) > 2 * len(head) and result.final_train_loss >= sum(head) / len(head):
+        result.status = "diverged: final loss above the first steps'"
     reached = [v["time"] for v in recorder.val if v["acc"] >= panel.target_accuracy]
     result.time_to_target = reached[0] if reached else math.nan
     # The first steps include warm-up (allocations, QLAB's first-step probes): leave out 10%.
@@ -426,7 +429,8 @@ def main(argv: Optional[list[str]] = None) -> list[RunResult]:
         result = run_one(contender, PANELS[args.panel], args, data_dir, out / "raw" / contender.name.replace(" ", "_"))
         print(f"   {result.status}: test acc {_fmt(result.test_acc)}%, {_fmt(result.seconds_per_step, 4)} s/step", flush=True)
         results.append(result)
-    print(report(args.panel, results, args, out))
+        report(args.panel, results, args, out)  # after every run, so a long panel leaves partial tables
+    print((out / "results.md").read_text())
     return results
 
 
