@@ -242,11 +242,7 @@ def run_one(contender: Contender, panel: Panel, args: argparse.Namespace, data_d
     result.test_acc = 100 * float(tested[0]["test_acc"])
     tail = recorder.train_loss[-50:]
     result.final_train_loss = sum(tail) / len(tail) if tail else math.nan
-    head = recorder.train_loss[:50]
-    if not all(math.isfinite(x) for x in recorder.train_loss):
-        result.status = "non-finite loss"
-    elif head and len(recorder.train_loss) > 2 * len(head) and result.final_train_loss >= sum(head) / len(head):
-        result.status = "diverged: final loss above the first steps'"
+    result.status = training_status(recorder.train_loss)
     reached = [v["time"] for v in recorder.val if v["acc"] >= panel.target_accuracy]
     result.time_to_target = reached[0] if reached else math.nan
     # The first steps include warm-up (allocations, QLAB's first-step probes): leave out 10%.
@@ -256,6 +252,30 @@ def run_one(contender: Contender, panel: Panel, args: argparse.Namespace, data_d
     result.curves = {"step": recorder.steps, "time": recorder.train_time, "train_loss": recorder.train_loss,
                      "step_size": recorder.step_size, "val": recorder.val}
     return result
+
+
+def training_status(train_loss: list[float]) -> str:
+    """"ok", or why the run cannot count as training: a non-finite loss, or a final loss (mean of
+    the last 50 steps) no lower than that of the first 50 steps."""
+    if not all(math.isfinite(x) for x in train_loss):
+        return "non-finite loss"
+    head, tail = train_loss[:50], train_loss[-50:]
+    if len(train_loss) > 100 and sum(tail) / len(tail) >= sum(head) / len(head):
+        return "diverged: final loss above the first steps'"
+    return "ok"
+
+
+def load_results(out: Path, panel: str) -> list[RunResult]:
+    """The results of an earlier run of the panel, from its results.json, statuses re-derived."""
+    by_name = {c.name: c for c in contenders(panel)}
+    results = []
+    for row in json.loads((out / "results.json").read_text()):
+        result = RunResult(by_name[row["name"]], row["status"], row["test_acc"], row["final_train_loss"],
+                           row["time_to_target"], row["seconds_per_step"], row["train_seconds"], row["curves"])
+        if row["curves"]:
+            result.status = training_status(row["curves"]["train_loss"])
+        results.append(result)
+    return results
 
 
 def _importable(module: str) -> bool:
@@ -294,7 +314,8 @@ def _ratio(value: float, reference: float) -> str:
     return "—" if not (math.isfinite(value) and math.isfinite(reference) and reference) else f"{value / reference:.2f}"
 
 
-def report(panel: str, results: list[RunResult], args: argparse.Namespace, out: Path) -> str:
+def report(panel: str, results: list[RunResult], args: argparse.Namespace, out: Path,
+           command: Optional[str] = None) -> str:
     qlab = next((r for r in results if r.contender.family == "QLAB" and r.status == "ok"), None)
     floor = next((r for r in results if r.contender.family == "floor" and r.status == "ok"), None)
     spec = PANELS[panel]
@@ -303,7 +324,7 @@ def report(panel: str, results: list[RunResult], args: argparse.Namespace, out: 
         "",
         f"- date: {dt.date.today().isoformat()}; machine: {platform.machine()}, {platform.processor() or 'cpu'}, "
         f"{torch.get_num_threads()} torch threads, torch {torch.__version__}",
-        f"- command: `python {' '.join(sys.argv)}`",
+        f"- command: `{command or 'python ' + ' '.join(sys.argv)}`",
         f"- time to target: training time until validation accuracy >= {spec.target_accuracy}% "
         "(validation time excluded); ratios are to the first QLAB row"
         + ("; step-time ratios also to the floor (SGD step + one no-grad forward)" if floor else ""),
@@ -408,11 +429,19 @@ def main(argv: Optional[list[str]] = None) -> list[RunResult]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()))
     parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--report-only", metavar="COMMAND",
+                        help="rebuild the tables and plots from --out's results.json; COMMAND is the "
+                             "command that produced it, for the report")
     parser.epilog = "Arguments after -- go to the CLI unchanged, e.g. -- --trainer.accelerator gpu"
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:split])
     args.cli_args = argv[split + 1:]
+    if args.report_only:
+        out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / args.panel
+        results = load_results(out, args.panel)
+        print(report(args.panel, results, args, out, command=args.report_only))
+        return results
 
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / args.panel
     out.mkdir(parents=True, exist_ok=True)

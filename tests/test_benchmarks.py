@@ -44,6 +44,9 @@ def test_harness_runs_and_reports(mnist_root: Path, tmp_path: Path) -> None:
     assert "s/step / floor" in table and "command:" in table
     saved = json.loads((tmp_path / "results.json").read_text())
     assert [row["name"] for row in saved] == [r.contender.name for r in results]
+    rebuilt = compare.main(["mnist-mlp", "--out", str(tmp_path), "--report-only", "python compare.py ..."])
+    assert [(r.contender.name, r.test_acc) for r in rebuilt] == [(r.contender.name, r.test_acc) for r in results]
+    assert "command: `python compare.py ...`" in (tmp_path / "results.md").read_text()
     if importlib.util.find_spec("matplotlib"):
         assert (tmp_path / "curves.png").stat().st_size > 0
         assert (tmp_path / "step_size.png").stat().st_size > 0
@@ -53,3 +56,9 @@ def test_unknown_selection_is_an_error(mnist_root: Path, tmp_path: Path) -> None
     with pytest.raises(SystemExit) as raised:
         compare.main(["mnist-mlp", "--data-dir", str(mnist_root), "--out", str(tmp_path), "--only", "nope"])
     assert raised.value.code == 2
+
+
+def test_training_status_flags_divergence_and_nan() -> None:
+    assert compare.training_status([2.3] * 50 + [0.5] * 100) == "ok"
+    assert compare.training_status([2.3] * 50 + [2.4] * 100).startswith("diverged")
+    assert compare.training_status([2.3, float("nan")]) == "non-finite loss"
