@@ -231,7 +231,6 @@ def run_one(contender: Contender, panel: Panel, args: argparse.Namespace, data_d
         cli_args += ["--trainer.limit_train_batches", str(args.limit_train_batches),
                      "--trainer.limit_val_batches", str(args.limit_train_batches),
                      "--trainer.limit_test_batches", str(args.limit_train_batches)]
-    torch.set_num_threads(args.threads)
     argv, sys.argv = sys.argv, sys.argv[:1]  # this script's own flags are not the CLI's
     try:
         cli = QLABLightningCLI(args=cli_args, run=False, trainer_defaults={"callbacks": callbacks})
@@ -383,8 +382,13 @@ def plot(results: list[RunResult], out: Path) -> None:
         ax.set_xlabel(x)
         ax.set_ylabel(y)
         ax.grid(alpha=0.3)
-    axes[0, 0].set_yscale("log")
-    axes[0, 1].set_yscale("log")
+    # Diverged runs would stretch the axis to 1e20 and flatten every other curve: cap it at a few
+    # times the largest starting loss (those runs are marked in the table's status column).
+    starts = [r.curves["train_loss"][0] for r in ran if r.curves["train_loss"] and math.isfinite(r.curves["train_loss"][0])]
+    for ax in (axes[0, 0], axes[0, 1]):
+        ax.set_yscale("log")
+        if starts:
+            ax.set_ylim(top=3 * max(starts))
     fig.legend(loc="lower center", ncol=4, fontsize=7)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(out / "curves.png", dpi=90)
@@ -437,6 +441,7 @@ def main(argv: Optional[list[str]] = None) -> list[RunResult]:
     split = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:split])
     args.cli_args = argv[split + 1:]
+    torch.set_num_threads(args.threads)
     if args.report_only:
         out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / args.panel
         results = load_results(out, args.panel)
