@@ -142,6 +142,9 @@ class RunRecorder(Callback):
         self.steps.append(trainer.global_step)
         self.train_time.append(self._clock)
         self.train_loss.append(float(loss))
+        if not math.isfinite(self.train_loss[-1]):
+            # Nothing trains after a non-finite loss: stop, and the status column says why.
+            trainer.should_stop = True
         optimizer = trainer.optimizers[0]
         self.step_size.append(float(optimizer.param_groups[0]["lr"]) if isinstance(optimizer, QLAB) else math.nan)
 
@@ -275,6 +278,21 @@ def load_results(out: Path, panel: str) -> list[RunResult]:
             result.status = training_status(row["curves"]["train_loss"])
         results.append(result)
     return results
+
+
+def merge_results(folders: list[Path], panel: str) -> list[RunResult]:
+    """The results of a panel run in parts, one per contender, in the panel's order.
+
+    A contender found in two folders is an error: which run to report is the caller's decision.
+    """
+    found: dict[str, RunResult] = {}
+    for folder in folders:
+        for result in load_results(folder, panel):
+            name = result.contender.name
+            if name in found:
+                raise SystemExit(f"compare.py: {name!r} is in more than one --merge folder; keep one")
+            found[name] = result
+    return [found[c.name] for c in contenders(panel) if c.name in found]
 
 
 def _importable(module: str) -> bool:
@@ -436,6 +454,9 @@ def main(argv: Optional[list[str]] = None) -> list[RunResult]:
     parser.add_argument("--report-only", metavar="COMMAND",
                         help="rebuild the tables and plots from --out's results.json; COMMAND is the "
                              "command that produced it, for the report")
+    parser.add_argument("--merge", nargs="+", metavar="DIR", default=[],
+                        help="with --report-only: build --out's report from these folders' results.json "
+                             "(a panel run in parts, e.g. with --only), in the panel's contender order")
     parser.epilog = "Arguments after -- go to the CLI unchanged, e.g. -- --trainer.accelerator gpu"
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)
@@ -444,7 +465,11 @@ def main(argv: Optional[list[str]] = None) -> list[RunResult]:
     torch.set_num_threads(args.threads)
     if args.report_only:
         out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / args.panel
-        results = load_results(out, args.panel)
+        if args.merge:
+            out.mkdir(parents=True, exist_ok=True)
+            results = merge_results([Path(d) for d in args.merge], args.panel)
+        else:
+            results = load_results(out, args.panel)
         print(report(args.panel, results, args, out, command=args.report_only))
         return results
 

@@ -51,6 +51,19 @@ def test_harness_runs_and_reports(mnist_root: Path, tmp_path: Path) -> None:
         assert (tmp_path / "curves.png").stat().st_size > 0
         assert (tmp_path / "step_size.png").stat().st_size > 0
 
+    # A panel run in parts (--only ... --out part) is reported as one, in the panel's order.
+    parts = [tmp_path / "part_a", tmp_path / "part_b"]
+    for part, rows in zip(parts, (saved[1:], saved[:1])):
+        part.mkdir()
+        (part / "results.json").write_text(json.dumps(rows))
+    merged = compare.main(["mnist-mlp", "--out", str(tmp_path / "merged"), "--report-only", "python compare.py ...",
+                           "--merge", *map(str, parts)])
+    assert [r.contender.name for r in merged] == [r.contender.name for r in results]
+    assert "QLAB sgd safeguarded" in (tmp_path / "merged" / "results.md").read_text()
+    with pytest.raises(SystemExit, match="more than one --merge folder"):
+        compare.main(["mnist-mlp", "--out", str(tmp_path / "twice"), "--report-only", "x",
+                      "--merge", str(parts[0]), str(parts[0])])
+
 
 def test_unknown_selection_is_an_error(mnist_root: Path, tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as raised:
