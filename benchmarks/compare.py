@@ -67,10 +67,11 @@ def _torch(name: str, family: str, class_path: str, requires: Optional[str] = No
 
 
 def contenders(panel: str) -> list[Contender]:
-    if panel == "sweep":
-        return [_qlab("sgd", mode, beta0) for mode in ("safeguarded", "paper")
+    if panel == "sweep":  # the default direction, the published one, and the published rule
+        return [_qlab(direction, mode, beta0)
+                for direction, mode in (("rmsprop", "safeguarded"), ("sgd", "safeguarded"), ("sgd", "paper"))
                 for beta0 in (1e-6, 1e-3, 0.1, 1.0, 10.0)]
-    runs = [_qlab(direction, mode) for direction in ("sgd", "momentum", "adam")
+    runs = [_qlab(direction, mode) for direction in ("sgd", "rmsprop", "momentum", "adam")
             for mode in ("safeguarded", "paper")]
     runs += [_torch(f"SGD lr={lr:g}", "SGD grid", "torch.optim.SGD", lr=lr) for lr in (0.03, 0.1, 0.3)]
     runs += [_torch(f"SGD momentum 0.9 lr={lr:g}", "Momentum grid", "torch.optim.SGD", lr=lr, momentum=0.9)
@@ -272,7 +273,9 @@ def load_results(out: Path, panel: str) -> list[RunResult]:
     by_name = {c.name: c for c in contenders(panel)}
     results = []
     for row in json.loads((out / "results.json").read_text()):
-        result = RunResult(by_name[row["name"]], row["status"], row["test_acc"], row["final_train_loss"],
+        # A contender the panel no longer lists (an older results.json) is still reported.
+        contender = by_name.get(row["name"]) or Contender(row["name"], row["family"], ())
+        result = RunResult(contender, row["status"], row["test_acc"], row["final_train_loss"],
                            row["time_to_target"], row["seconds_per_step"], row["train_seconds"], row["curves"])
         if row["curves"]:
             result.status = training_status(row["curves"]["train_loss"])
@@ -292,7 +295,8 @@ def merge_results(folders: list[Path], panel: str) -> list[RunResult]:
             if name in found:
                 raise SystemExit(f"compare.py: {name!r} is in more than one --merge folder; keep one")
             found[name] = result
-    return [found[c.name] for c in contenders(panel) if c.name in found]
+    order = {c.name: i for i, c in enumerate(contenders(panel))}
+    return sorted(found.values(), key=lambda r: order.get(r.contender.name, len(order)))
 
 
 def _importable(module: str) -> bool:

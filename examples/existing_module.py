@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> float:
     else:
         train, test = generated_data(2_000), generated_data(1_000, seed=1)
     model = QLABClassifier()
-    model.qlab_config = QLABConfig(direction="sgd")  # the defaults, spelled out; see QLABConfig
+    model.qlab_config = QLABConfig(direction="rmsprop")  # the defaults, spelled out; see QLABConfig
     log_dir = args.log_dir or tempfile.mkdtemp(prefix="qlab-example-")
     monitor = QLABMonitor()
     trainer = Trainer(

@@ -54,14 +54,14 @@ class QLABConfig:
     ``model.init_args.qlab_config.accumulate_batches: 4`` with LightningCLI).
 
     Args:
-        direction: descent direction, passed to :class:`~lightning_qlab.optimizer.QLAB`
-            (``"sgd"``, ``"momentum"`` or ``"adam"``).
+        direction: descent direction, passed to :class:`~lightning_qlab.optimizer.QLAB`:
+            ``"rmsprop"`` (default), ``"sgd"`` (QLABGrad as published), ``"momentum"`` or ``"adam"``.
         mode: ``"safeguarded"`` (default) or ``"paper"``, passed to QLAB.
         initial_step: the first trial distance, passed to QLAB.
         weight_decay: decoupled weight decay, passed to QLAB.
         momentum: heavy-ball coefficient of the momentum direction, passed to QLAB.
-        betas: Adam's moment decay rates for the adam direction, passed to QLAB.
-        eps: Adam's denominator term for the adam direction, passed to QLAB.
+        betas: moment decay rates of the adam direction (rmsprop uses ``betas[1]``), passed to QLAB.
+        eps: the denominator term of the adam and rmsprop directions, passed to QLAB.
         accumulate_batches: ``k``, the number of micro-batches (training batches) per optimizer
             step. The step uses the mean loss and mean gradient over the k micro-batches and the
             trial forward evaluates the same k micro-batches, so they are kept (by reference)
@@ -76,7 +76,7 @@ class QLABConfig:
         'adam'
     """
 
-    direction: str = "sgd"
+    direction: str = "rmsprop"
     mode: str = "safeguarded"
     initial_step: float = 1e-3
     weight_decay: float = 0.0

@@ -30,7 +30,7 @@ from torch.optim import Optimizer
 
 __all__ = ["QLAB", "QLABStep", "StepSolution", "solve_step_size", "DIRECTIONS", "MODES", "EVENTS"]
 
-DIRECTIONS = ("sgd", "momentum", "adam")
+DIRECTIONS = ("sgd", "rmsprop", "momentum", "adam")
 MODES = ("safeguarded", "paper")
 
 # Every event the optimizer can report, with the reason it exists. The counts are in ``QLAB.events``.
@@ -153,13 +153,17 @@ class QLAB(Optimizer):
         params: parameters or parameter groups, as for any torch optimizer.
         initial_step: the first trial distance ``beta_0`` (> 0). In ``"safeguarded"`` mode the
             first step searches for the scale itself, so any value from 1e-6 to 10 trains alike.
-        direction: ``"sgd"`` (``d = g``, QLABGrad), ``"momentum"`` (heavy ball,
-            ``m <- mu m + g``, ``d = m``) or ``"adam"`` (``d = m_hat / (sqrt(v_hat) + eps)``).
+        direction: ``"rmsprop"`` (default: the gradient scaled per coordinate,
+            ``d = g / (sqrt(v_hat) + eps)`` with ``v`` the bias-corrected running mean of ``g^2``
+            at rate ``betas[1]``), ``"sgd"`` (``d = g``, QLABGrad as published), ``"momentum"``
+            (heavy ball, ``m <- mu m + g``, ``d = m``) or ``"adam"``
+            (``d = m_hat / (sqrt(v_hat) + eps)``). The last two are experimental (see below).
         mode: ``"safeguarded"`` (default) or ``"paper"`` (the rule exactly as published; for
             comparisons). See *Safeguards*.
         momentum: ``mu`` for the momentum direction (per group).
-        betas: Adam's moment decay rates for the adam direction (per group).
-        eps: Adam's denominator term for the adam direction (per group).
+        betas: Adam's moment decay rates for the adam direction; rmsprop uses ``betas[1]``
+            (per group).
+        eps: the denominator term of the adam and rmsprop directions (per group).
         weight_decay: decoupled weight decay ``lambda`` (per group): ``w <- w - a lambda w``
             next to the step, as in AdamW (Loshchilov & Hutter, 2019). Decoupled rather than an
             L2 term in the gradient so that the parabola is fitted to the data loss alone: the
@@ -170,6 +174,19 @@ class QLAB(Optimizer):
     ``optimizer.step(loss, trial_loss_fn)`` where ``trial_loss_fn()`` returns the same
     mini-batch's loss at the parameters as they are when it is called (same batch, same mode,
     the same dropout masks). Inside Lightning, :class:`lightning_qlab.QLABMixin` does this.
+
+    Why ``direction="rmsprop"`` is the default: the parabola is fitted to the current
+    mini-batch, so the line has to be a descent direction for that mini-batch. Scaling the
+    gradient per coordinate keeps it one (``g . d = sum g^2 / (sqrt(v_hat) + eps) > 0``), while
+    the momentum and adam directions, which carry past gradients, are not always one: on the MNIST
+    panel they drift upwards and diverge. Against the published ``d = g``, the scaling evens out
+    the very different curvatures of the layers, so the single step size along ``d`` suits more
+    of them at once. That is measured in the README's results: the same or better accuracy on
+    both image panels, and on a recurrent task (the adding problem) that plain ``d = g``, like
+    SGD, does not learn in the budget at all. ``betas[1] = 0.999`` and ``eps = 1e-8`` are
+    Adam's published defaults (Kingma & Ba, 2015), taken unchanged rather than tuned:
+    ``v_hat`` averages ``g^2`` over about 1/(1 - 0.999) = 1,000 steps.
+    ``direction="sgd"`` is QLABGrad exactly as published.
 
     Safeguards (``"safeguarded"`` mode; each is counted in :attr:`events`):
         * extrapolation bounded at :data:`GROWTH_LIMIT` times the probed distance;
@@ -214,7 +231,7 @@ class QLAB(Optimizer):
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
         initial_step: float = 1e-3,
-        direction: str = "sgd",
+        direction: str = "rmsprop",
         mode: str = "safeguarded",
         momentum: float = 0.9,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -461,16 +478,23 @@ class QLAB(Optimizer):
         return buffers
 
     def _adam_direction(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+        """Adam's direction; for rmsprop the same without the first moment (the gradient itself)."""
         beta1, beta2 = group["betas"]
+        rmsprop = self.direction == "rmsprop"
         exp_avgs, exp_avg_sqs = [], []
         for p in params:
             state = self.state[p]
-            if "exp_avg" not in state:
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if "exp_avg_sq" not in state:
+                if not rmsprop:
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            exp_avgs.append(state["exp_avg"])
+            if not rmsprop:
+                exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
-        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+        if rmsprop:
+            exp_avgs, beta1 = grads, 0.0
+        else:
+            torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
         t = self.direction_updates
@@ -481,7 +505,8 @@ class QLAB(Optimizer):
         torch._foreach_div_(denominators, math.sqrt(bias_correction2))
         torch._foreach_add_(denominators, group["eps"])
         directions = torch._foreach_div(exp_avgs, denominators)
-        torch._foreach_div_(directions, bias_correction1)
+        if bias_correction1 != 1.0:
+            torch._foreach_div_(directions, bias_correction1)
         return directions
 
     def _read_losses(

@@ -168,6 +168,8 @@ class ReferenceQLAB:
         for group in self.groups:
             s = slice(group.start, group.end)
             beta1, beta2 = group.betas
+            if self.direction == "rmsprop":  # no first moment: d = g / (sqrt(v_hat) + eps)
+                beta1 = 0.0
             self.exp_avg[s] = beta1 * self.exp_avg[s] + (1.0 - beta1) * grad[s]
             self.exp_avg_sq[s] = beta2 * self.exp_avg_sq[s] + (1.0 - beta2) * grad[s] ** 2
             m_hat = self.exp_avg[s] / (1.0 - beta1**t)

@@ -19,9 +19,9 @@ def test_panels_list_every_family() -> None:
     families = {c.family for c in compare.contenders("mnist-mlp")}
     assert families == {"QLAB", "SGD grid", "Momentum grid", "Adam", "LR-free", "floor"}
     # Each QLAB direction in both modes, and the sweep covers 1e-6 ... 10 in both modes.
-    assert sum(n.startswith("QLAB ") for n in names) == 6
+    assert sum(n.startswith("QLAB ") for n in names) == 8
     sweep = [c.name for c in compare.contenders("sweep")]
-    assert "QLAB sgd safeguarded beta0=1e-06" in sweep and "QLAB sgd paper beta0=10" in sweep
+    assert "QLAB rmsprop safeguarded beta0=1e-06" in sweep and "QLAB sgd paper beta0=10" in sweep
 
 
 def test_harness_runs_and_reports(mnist_root: Path, tmp_path: Path) -> None:

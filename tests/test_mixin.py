@@ -196,7 +196,8 @@ def test_clipping_by_norm_keeps_the_fitted_parabola_exact():
     data = regression_data(64, dtype=torch.float64)
     runs = {}
     for clip in (None, 1e-3):
-        model = _linear_regression(QLABConfig(mode="paper", initial_step=0.05, gradient_clip_norm=clip))
+        model = _linear_regression(QLABConfig(direction="sgd", mode="paper", initial_step=0.05,
+                                                gradient_clip_norm=clip))
         monitor = QLABMonitor(plot=False)
         quiet_trainer(max_steps=6, callbacks=[monitor]).fit(model, DataLoader(data, batch_size=64))
         runs[clip] = model, monitor
@@ -213,7 +214,8 @@ def test_clipping_by_norm_keeps_the_fitted_parabola_exact():
 
 def test_clipping_by_value_steps_to_the_minimum_along_the_clipped_direction():
     data = regression_data(64, dtype=torch.float64)
-    model = _linear_regression(QLABConfig(mode="paper", initial_step=0.05, gradient_clip_value=0.01))
+    model = _linear_regression(QLABConfig(direction="sgd", mode="paper", initial_step=0.05,
+                                                gradient_clip_value=0.01))
     quiet_trainer(max_steps=1, callbacks=[]).fit(model, DataLoader(data, batch_size=64))
     direction = model.directions[0]
     assert direction.abs().max() == pytest.approx(0.01)  # clipping was active

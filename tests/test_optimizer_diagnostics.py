@@ -28,7 +28,7 @@ def regression_problem(seed: int = 0):
 
 
 @pytest.mark.parametrize("mode", ["safeguarded", "paper"])
-@pytest.mark.parametrize("direction", ["sgd", "momentum", "adam"])
+@pytest.mark.parametrize("direction", ["sgd", "rmsprop", "momentum", "adam"])
 def test_lr_and_last_step_tell_the_truth(direction: str, mode: str) -> None:
     """After every step: param_group["lr"] is the step taken, last_step's fields are the
     quantities of the rule, and the event counters add up to the per-step events."""

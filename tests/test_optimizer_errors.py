@@ -59,7 +59,7 @@ def test_initial_step_that_is_not_a_number(value) -> None:
 
 
 def test_unknown_direction() -> None:
-    expected = r"unknown direction 'lbfgs'; choose one of \('sgd', 'momentum', 'adam'\)"
+    expected = r"unknown direction 'lbfgs'; choose one of \('sgd', 'rmsprop', 'momentum', 'adam'\)"
     with pytest.raises(ValueError, match=expected):
         QLAB(nn.Linear(2, 1).parameters(), direction="lbfgs")
 
@@ -195,7 +195,7 @@ def test_nan_training_loss_skips_the_step_and_changes_nothing() -> None:
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
-@pytest.mark.parametrize("direction", ["sgd", "momentum", "adam"])
+@pytest.mark.parametrize("direction", ["sgd", "rmsprop", "momentum", "adam"])
 def test_nonfinite_gradient_skips_the_step_and_changes_nothing(bad: float, direction: str) -> None:
     model, loss_fn = tiny_problem()
     opt = QLAB(model.parameters(), direction=direction)

@@ -55,6 +55,8 @@ class TextbookDirection:
                 out.append(self.m[i])
             else:
                 beta1, beta2 = options["betas"]
+                if self.direction == "rmsprop":  # no first moment
+                    beta1 = 0.0
                 self.m[i] = beta1 * self.m[i] + (1 - beta1) * g
                 self.v[i] = beta2 * self.v[i] + (1 - beta2) * g * g
                 m_hat = self.m[i] / (1 - beta1**self.t)
@@ -94,7 +96,7 @@ def quadratic_steps(hessian: Tensor, k: Tensor, w0: Tensor, direction: str, mode
         yield w, grad, d, a, opt.last_step
 
 
-@pytest.mark.parametrize("direction", ["sgd", "momentum", "adam"])
+@pytest.mark.parametrize("direction", ["sgd", "rmsprop", "momentum", "adam"])
 def test_paper_mode_is_exact_line_search(direction: str) -> None:
     hessian, k, w0 = random_quadratic([1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.0, 10.0], seed=0)
     seen = 0
@@ -110,7 +112,7 @@ def test_paper_mode_is_exact_line_search(direction: str) -> None:
     assert seen >= 8
 
 
-@pytest.mark.parametrize("direction", ["sgd", "momentum", "adam"])
+@pytest.mark.parametrize("direction", ["sgd", "rmsprop", "momentum", "adam"])
 def test_safeguarded_mode_is_line_search_with_bounded_growth(direction: str) -> None:
     """Exact line search, except that a step more than GROWTH_LIMIT times the previous one is
     capped there; the first step (warm start) lands on the exact step from any initial step."""
@@ -169,7 +171,7 @@ def test_paper_mode_on_a_concave_quadratic_steps_the_initial_distance_forever() 
         assert last.curvature == pytest.approx((d @ hessian @ d).item() / 2, rel=1e-8)
 
 
-@pytest.mark.parametrize("direction", ["sgd", "momentum", "adam"])
+@pytest.mark.parametrize("direction", ["sgd", "rmsprop", "momentum", "adam"])
 def test_weight_decay_is_decoupled_from_the_fitted_step(direction: str) -> None:
     """w <- w (1 - a lambda) - a d, where a is still the exact line search on the data loss."""
     hessian, k, w0 = random_quadratic([1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.0, 10.0], seed=4)

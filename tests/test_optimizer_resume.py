@@ -66,7 +66,8 @@ def train(model: nn.Module, opt: QLAB, first_step: int, steps: int) -> None:
 
 @pytest.mark.parametrize(
     "direction, mode",
-    [("sgd", "safeguarded"), ("momentum", "safeguarded"), ("adam", "safeguarded"), ("adam", "paper")],
+    [("sgd", "safeguarded"), ("rmsprop", "safeguarded"), ("momentum", "safeguarded"), ("adam", "safeguarded"),
+     ("adam", "paper")],
 )
 def test_resume_is_bit_for_bit(direction: str, mode: str) -> None:
     torch.manual_seed(0)

@@ -1,0 +1,237 @@
+"""Held-out check of QLAB's default: tasks its defaults were not chosen on, none of them images.
+
+The default (direction, constants) was chosen on the MNIST and CIFAR-10 panels of ``compare.py``.
+This script asks whether it carries over to problems of another kind, with the same contenders
+as those panels, the same seeds, data and budget for all, in a plain PyTorch loop (QLAB needs no
+Lightning: ``opt.step(loss, trial_loss_fn)``):
+
+* ``teacher-regression``: tabular regression. Inputs ``x ~ N(0, I_32)``, targets from a fixed
+  random "teacher" network (32-64-64-1, tanh) plus noise of standard deviation 0.1; the student
+  is a 32-128-128-1 ReLU MLP trained on the mean squared error.
+* ``adding-problem``: a recurrent sequence task (Hochreiter & Schmidhuber, 1997). Each sequence
+  has 30 steps of (value ~ U(0, 1), marker); two steps are marked and the target is the sum of
+  their values. A GRU with 64 units reads the sequence and a linear layer predicts the sum.
+  Predicting the mean gives an MSE of about 0.167; solving the task takes it towards 0.
+
+Both data sets are generated from a fixed seed (20,000 training and 5,000 test examples). The
+table reports the test MSE after the budget (lower is better), its ratio to the default QLAB's,
+and the median time per step. Run:
+
+    python benchmarks/heldout.py --threads 1
+
+It writes ``benchmarks/results/heldout/results.md`` (``--out`` to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib
+import importlib.util
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from lightning_qlab.optimizer import QLAB
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT = "QLAB rmsprop safeguarded"  # QLAB() with no arguments
+
+
+# --------------------------------------------------------------------------- tasks
+class Task:
+    """Generated training and test data, and the model to train on them."""
+
+    name = ""
+    epochs = 5
+    batch_size = 64
+
+    def __init__(self, seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.x_train, self.y_train = self.generate(20_000, gen)
+        self.x_test, self.y_test = self.generate(5_000, gen)
+
+    def generate(self, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def model(self) -> nn.Module:
+        raise NotImplementedError
+
+
+class TeacherRegression(Task):
+    name = "teacher-regression"
+
+    def generate(self, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        if not hasattr(self, "teacher"):
+            self.teacher = [torch.randn(32, 64, generator=gen) / 32**0.5, torch.randn(64, 64, generator=gen) / 8,
+                            torch.randn(64, 1, generator=gen) / 8]
+        x = torch.randn(n, 32, generator=gen)
+        h = torch.tanh(torch.tanh(x @ self.teacher[0]) @ self.teacher[1])
+        y = 3.0 * h @ self.teacher[2] + 0.1 * torch.randn(n, 1, generator=gen)
+        return x, y
+
+    def model(self) -> nn.Module:
+        return nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 1))
+
+
+class _GRURegressor(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(2, 64, batch_first=True)
+        self.head = nn.Linear(64, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.gru(x)
+        return self.head(out[:, -1])
+
+
+class AddingProblem(Task):
+    name = "adding-problem"
+    length = 30
+
+    def generate(self, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        values = torch.rand(n, self.length, generator=gen)
+        first = torch.randint(0, self.length // 2, (n,), generator=gen)
+        second = torch.randint(self.length // 2, self.length, (n,), generator=gen)
+        markers = torch.zeros(n, self.length)
+        markers[torch.arange(n), first] = 1.0
+        markers[torch.arange(n), second] = 1.0
+        y = (values * markers).sum(1, keepdim=True)
+        return torch.stack([values, markers], dim=2), y
+
+    def model(self) -> nn.Module:
+        return _GRURegressor()
+
+
+TASKS = {task.name: task for task in (TeacherRegression, AddingProblem)}
+
+
+# --------------------------------------------------------------------------- contenders
+def contenders() -> dict[str, Callable[[list[nn.Parameter]], Optional[torch.optim.Optimizer]]]:
+    """Name -> factory; a factory returns None when the peer's package is not installed."""
+
+    def peer(module: str, cls: str, **kwargs):
+        def make(params):
+            if importlib.util.find_spec(module) is None:
+                return None
+            return getattr(importlib.import_module(module), cls)(params, **kwargs)
+        return make
+
+    return {
+        "QLAB rmsprop safeguarded": lambda p: QLAB(p, direction="rmsprop"),
+        "QLAB sgd safeguarded": lambda p: QLAB(p, direction="sgd"),
+        "QLAB sgd paper": lambda p: QLAB(p, direction="sgd", mode="paper"),
+        "SGD lr=0.01": lambda p: torch.optim.SGD(p, lr=0.01),
+        "SGD lr=0.1": lambda p: torch.optim.SGD(p, lr=0.1),
+        "SGD momentum 0.9 lr=0.01": lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9),
+        "Adam lr=1e-3": lambda p: torch.optim.Adam(p, lr=1e-3),
+        "D-Adaptation SGD": peer("dadaptation", "DAdaptSGD", lr=1.0),
+        "Prodigy": peer("prodigyopt", "Prodigy", lr=1.0),
+        "Schedule-Free AdamW": peer("schedulefree", "AdamWScheduleFree", lr=0.0025),
+        "DoG": peer("dog", "DoG", lr=1.0),
+    }
+
+
+# --------------------------------------------------------------------------- training
+def train(task: Task, make_optimizer, seed: int) -> dict[str, float]:
+    torch.manual_seed(seed)
+    model = task.model()
+    optimizer = make_optimizer(list(model.parameters()))
+    if optimizer is None:
+        return {"status": "not installed"}
+    mse = nn.MSELoss()
+    schedule_free = hasattr(optimizer, "train") and hasattr(optimizer, "eval")
+    order = torch.Generator().manual_seed(seed)
+    step_seconds: list[float] = []
+    status = "ok"
+    for _ in range(task.epochs):
+        if schedule_free:
+            optimizer.train()
+        model.train()
+        perm = torch.randperm(len(task.x_train), generator=order)
+        for start in range(0, len(perm) - task.batch_size + 1, task.batch_size):
+            idx = perm[start:start + task.batch_size]
+            x, y = task.x_train[idx], task.y_train[idx]
+            began = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            loss = mse(model(x), y)
+            loss.backward()
+            if isinstance(optimizer, QLAB):
+                optimizer.step(loss, lambda: mse(model(x), y))
+            else:
+                optimizer.step()
+            step_seconds.append(time.perf_counter() - began)
+            if not math.isfinite(loss.item()):
+                status = "non-finite loss"
+                break
+        if status != "ok":
+            break
+    if schedule_free:
+        optimizer.eval()
+    model.eval()
+    with torch.no_grad():
+        test_mse = mse(model(task.x_test), task.y_test).item()
+    timed = step_seconds[len(step_seconds) // 10:]
+    return {"status": status, "test_mse": test_mse, "s_per_step": statistics.median(timed)}
+
+
+def main(argv: Optional[list[str]] = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated, from: " + ", ".join(TASKS))
+    parser.add_argument("--only", help="comma-separated substrings of contender names")
+    parser.add_argument("--epochs", type=int, help="override each task's epoch budget (smoke runs)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "heldout"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    names = [n.strip() for n in args.tasks.split(",") if n.strip()]
+    unknown = [n for n in names if n not in TASKS]
+    if unknown:
+        parser.error(f"unknown task(s) {unknown}; choose from {list(TASKS)}")
+    chosen = contenders()
+    if args.only:
+        keys = [k.strip().lower() for k in args.only.split(",") if k.strip()]
+        chosen = {n: f for n, f in chosen.items() if any(k in n.lower() for k in keys)}
+    lines = [
+        "# Held-out tasks: the default QLAB beside the other optimizers",
+        "",
+        f"- date: {dt.date.today().isoformat()}; machine: {platform.machine()}, {torch.get_num_threads()} torch "
+        f"threads, torch {torch.__version__}; seed {args.seed}",
+        f"- command: `python {' '.join([Path(sys.argv[0]).as_posix()] + (argv if argv is not None else sys.argv[1:]))}`",
+        f"- test MSE after the budget (lower is better); ratio = test MSE / that of {DEFAULT} (QLAB's default)",
+    ]
+    for name in names:
+        task = TASKS[name](args.seed)
+        if args.epochs:
+            task.epochs = args.epochs
+        lines += ["", f"## {name}: {task.epochs} epochs, batch {task.batch_size}", "",
+                  "| optimizer | test MSE | ratio to default QLAB | s/step | status |", "|---|---|---|---|---|"]
+        reference = None
+        for label, factory in chosen.items():
+            print(f"== {name}: {label}", flush=True)
+            result = train(task, factory, args.seed)
+            mse_value = result.get("test_mse", math.nan)
+            if reference is None and label == DEFAULT:
+                reference = mse_value
+            ratio = f"{mse_value / reference:.2f}" if reference and math.isfinite(mse_value) else "—"
+            seconds = result.get("s_per_step", math.nan)
+            lines.append(f"| {label} | {mse_value:.4f} | {ratio} | {seconds * 1e3:.2f} ms | {result['status']} |")
+            print("   " + lines[-1], flush=True)
+    text = "\n".join(lines) + "\n"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(text)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
