@@ -71,7 +71,7 @@ def contenders(panel: str) -> list[Contender]:
         return [_qlab(direction, mode, beta0)
                 for direction, mode in (("rmsprop", "safeguarded"), ("sgd", "safeguarded"), ("sgd", "paper"))
                 for beta0 in (1e-6, 1e-3, 0.1, 1.0, 10.0)]
-    runs = [_qlab(direction, mode) for direction in ("sgd", "rmsprop", "momentum", "adam")
+    runs = [_qlab(direction, mode) for direction in ("rmsprop", "sgd", "momentum", "adam")
             for mode in ("safeguarded", "paper")]
     runs += [_torch(f"SGD lr={lr:g}", "SGD grid", "torch.optim.SGD", lr=lr) for lr in (0.03, 0.1, 0.3)]
     runs += [_torch(f"SGD momentum 0.9 lr={lr:g}", "Momentum grid", "torch.optim.SGD", lr=lr, momentum=0.9)
@@ -217,7 +217,8 @@ def run_one(contender: Contender, panel: Panel, args: argparse.Namespace, data_d
     recorder = RunRecorder()
     callbacks: list[Callback] = [recorder, ScheduleFreeModes()]
     if contender.extra_forward:
-        callbacks.append(ExtraForward())
+        # Before the recorder, whose on_train_batch_end stops the step's clock.
+        callbacks.insert(0, ExtraForward())
     cli_args = [
         "--config", str(REPO / panel.config),
         "--seed_everything", str(args.seed),
@@ -290,6 +291,8 @@ def merge_results(folders: list[Path], panel: str) -> list[RunResult]:
     """
     found: dict[str, RunResult] = {}
     for folder in folders:
+        if not (folder / "results.json").is_file():
+            raise SystemExit(f"compare.py: {folder} has no results.json (is that run still going?)")
         for result in load_results(folder, panel):
             name = result.contender.name
             if name in found:

@@ -5,7 +5,10 @@ no-grad forward on the same batch. This script times, per model:
 
 * ``sgd``:   zero_grad, forward, backward, ``torch.optim.SGD.step``;
 * ``floor``: the same, plus one no-grad forward of the loss on the same batch;
-* ``qlab``:  zero_grad, forward, backward, ``QLAB.step(loss, trial_loss_fn)``.
+* ``adam_floor``: the same with ``torch.optim.Adam``: the floor of a method that scales the
+  gradient per coordinate, as QLAB's default ``rmsprop`` direction does;
+* ``qlab``:  zero_grad, forward, backward, ``QLAB.step(loss, trial_loss_fn)`` (the default
+  direction), and ``qlab_sgd`` with ``direction="sgd"``.
 
 Each variant trains its own copy of the model on the same data. The runs are interleaved
 (sgd, floor, qlab, sgd, floor, qlab, ...) so that drifts of the machine hit all three alike;
@@ -76,16 +79,30 @@ def make_steppers(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Callable[
         with torch.no_grad():
             loss_fn(floor_model(x), y).item()  # the trial forward, and its read of the loss
 
-    qlab_model = copy.deepcopy(model)
-    qlab = QLAB(qlab_model.parameters(), initial_step=0.01)
+    adam_model = copy.deepcopy(model)
+    adam = torch.optim.Adam(adam_model.parameters(), lr=1e-3)
 
-    def qlab_step() -> None:
-        qlab.zero_grad(set_to_none=True)
-        loss = loss_fn(qlab_model(x), y)
-        loss.backward()
-        qlab.step(loss, lambda: loss_fn(qlab_model(x), y))
+    def adam_floor_step() -> None:
+        adam.zero_grad(set_to_none=True)
+        loss_fn(adam_model(x), y).backward()
+        adam.step()
+        with torch.no_grad():
+            loss_fn(adam_model(x), y).item()
 
-    steppers["sgd"], steppers["floor"], steppers["qlab"] = sgd_step, floor_step, qlab_step
+    def qlab_stepper(direction: str) -> Callable[[], None]:
+        qlab_model = copy.deepcopy(model)
+        qlab = QLAB(qlab_model.parameters(), initial_step=0.01, direction=direction)
+
+        def qlab_step() -> None:
+            qlab.zero_grad(set_to_none=True)
+            loss = loss_fn(qlab_model(x), y)
+            loss.backward()
+            qlab.step(loss, lambda: loss_fn(qlab_model(x), y))
+
+        return qlab_step
+
+    steppers["sgd"], steppers["floor"], steppers["adam_floor"] = sgd_step, floor_step, adam_floor_step
+    steppers["qlab"], steppers["qlab_sgd"] = qlab_stepper("rmsprop"), qlab_stepper("sgd")
     return steppers
 
 
@@ -136,11 +153,14 @@ def main() -> None:
         med = {k: statistics.median(v) for k, v in times.items()}
         n_params = sum(p.numel() for p in model.parameters())
         rows.append((name, n_params, med))
-    print("| model | params | SGD (ms) | floor: SGD + forward (ms) | QLAB (ms) | QLAB / SGD | QLAB / floor |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| model | params | SGD ms | floor: SGD + forward, ms | Adam + forward, ms | QLAB default (rmsprop) ms "
+          "| QLAB sgd ms | QLAB default / floor | QLAB sgd / floor | QLAB default / (Adam + forward) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, n_params, med in rows:
         print(f"| {name} | {n_params / 1e6:.2f} M | {1e3 * med['sgd']:.2f} | {1e3 * med['floor']:.2f} | "
-              f"{1e3 * med['qlab']:.2f} | {med['qlab'] / med['sgd']:.3f} | {med['qlab'] / med['floor']:.3f} |")
+              f"{1e3 * med['adam_floor']:.2f} | {1e3 * med['qlab']:.2f} | {1e3 * med['qlab_sgd']:.2f} | "
+              f"{med['qlab'] / med['floor']:.3f} | {med['qlab_sgd'] / med['floor']:.3f} | "
+              f"{med['qlab'] / med['adam_floor']:.3f} |")
 
 
 if __name__ == "__main__":
