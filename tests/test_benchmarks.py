@@ -75,3 +75,17 @@ def test_training_status_flags_divergence_and_nan() -> None:
     assert compare.training_status([2.3] * 50 + [0.5] * 100) == "ok"
     assert compare.training_status([2.3] * 50 + [2.4] * 100).startswith("diverged")
     assert compare.training_status([2.3, float("nan")]) == "non-finite loss"
+
+
+def test_heldout_tasks_run_and_report(tmp_path: Path) -> None:
+    import heldout
+
+    text = heldout.main(["--tasks", "teacher-regression", "--epochs", "1", "--only", "QLAB rmsprop,SGD lr=0.1",
+                         "--out", str(tmp_path)])
+    rows = [line for line in text.splitlines() if line.startswith("| QLAB") or line.startswith("| SGD")]
+    assert [row.split(" | ")[0] for row in rows] == ["| QLAB rmsprop safeguarded", "| SGD lr=0.1"]
+    assert rows[0].split(" | ")[2] == "1.00"  # the default is the reference of the ratio column
+    assert all(row.endswith("| ok |") for row in rows)
+    assert (tmp_path / "results.md").read_text() == text
+    with pytest.raises(SystemExit):
+        heldout.main(["--tasks", "images", "--out", str(tmp_path)])
