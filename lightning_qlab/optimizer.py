@@ -179,11 +179,10 @@ class QLAB(Optimizer):
     mini-batch, so the line has to be a descent direction for that mini-batch. Scaling the
     gradient per coordinate keeps it one (``g . d = sum g^2 / (sqrt(v_hat) + eps) > 0``), while
     the momentum and adam directions, which carry past gradients, are not always one: on the MNIST
-    panel they drift upwards and diverge. Against the published ``d = g``, the scaling evens out
-    the very different curvatures of the layers, so the single step size along ``d`` suits more
-    of them at once. That is measured in the README's results: the same or better accuracy on
-    both image panels, and on a recurrent task (the adding problem) that plain ``d = g``, like
-    SGD, does not learn in the budget at all. ``betas[1] = 0.999`` and ``eps = 1e-8`` are
+    panel they drift upwards and diverge. Against the published ``d = g`` it measured the same
+    or better on every benchmark in the README's results: 97.99 vs 97.93% on MNIST, 67.44 vs
+    63.91% on CIFAR-10, and it learns a recurrent task (the adding problem) that ``d = g``, like
+    plain SGD, does not learn in the budget at all. ``betas[1] = 0.999`` and ``eps = 1e-8`` are
     Adam's published defaults (Kingma & Ba, 2015), taken unchanged rather than tuned:
     ``v_hat`` averages ``g^2`` over about 1/(1 - 0.999) = 1,000 steps.
     ``direction="sgd"`` is QLABGrad exactly as published.
