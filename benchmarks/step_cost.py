@@ -61,33 +61,27 @@ def make_steppers(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Callable[
     loss_fn = nn.CrossEntropyLoss()
     steppers = {}
 
-    sgd_model = copy.deepcopy(model)
-    sgd = torch.optim.SGD(sgd_model.parameters(), lr=0.01)
+    def torch_stepper(make_optimizer: Callable, extra_forward: bool) -> Callable[[], None]:
+        """A plain optimizer's step on its own copy of the model, optionally followed by one
+        no-grad forward of the same batch (the trial forward QLAB adds, and its read of the loss)."""
+        own_model = copy.deepcopy(model)
+        optimizer = make_optimizer(own_model.parameters())
 
-    def sgd_step() -> None:
-        sgd.zero_grad(set_to_none=True)
-        loss_fn(sgd_model(x), y).backward()
-        sgd.step()
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(own_model(x), y).backward()
+            optimizer.step()
+            if extra_forward:
+                with torch.no_grad():
+                    loss_fn(own_model(x), y).item()
 
-    floor_model = copy.deepcopy(model)
-    floor_sgd = torch.optim.SGD(floor_model.parameters(), lr=0.01)
+        return step
 
-    def floor_step() -> None:
-        floor_sgd.zero_grad(set_to_none=True)
-        loss_fn(floor_model(x), y).backward()
-        floor_sgd.step()
-        with torch.no_grad():
-            loss_fn(floor_model(x), y).item()  # the trial forward, and its read of the loss
+    def sgd(params):
+        return torch.optim.SGD(params, lr=0.01)
 
-    adam_model = copy.deepcopy(model)
-    adam = torch.optim.Adam(adam_model.parameters(), lr=1e-3)
-
-    def adam_floor_step() -> None:
-        adam.zero_grad(set_to_none=True)
-        loss_fn(adam_model(x), y).backward()
-        adam.step()
-        with torch.no_grad():
-            loss_fn(adam_model(x), y).item()
+    def adam(params):
+        return torch.optim.Adam(params, lr=1e-3)
 
     def qlab_stepper(direction: str) -> Callable[[], None]:
         qlab_model = copy.deepcopy(model)
@@ -101,7 +95,9 @@ def make_steppers(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Callable[
 
         return qlab_step
 
-    steppers["sgd"], steppers["floor"], steppers["adam_floor"] = sgd_step, floor_step, adam_floor_step
+    steppers["sgd"] = torch_stepper(sgd, extra_forward=False)
+    steppers["floor"] = torch_stepper(sgd, extra_forward=True)
+    steppers["adam_floor"] = torch_stepper(adam, extra_forward=True)
     steppers["qlab"], steppers["qlab_sgd"] = qlab_stepper("rmsprop"), qlab_stepper("sgd")
     return steppers
 
