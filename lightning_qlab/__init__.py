@@ -1,13 +1,24 @@
 """lightning-qlab: QLABGrad, a learning-rate-free step-size rule, for PyTorch and PyTorch Lightning.
 
 The layout follows the dependency order: :mod:`~lightning_qlab.optimizer` (the rule, plain
-PyTorch) <- :mod:`~lightning_qlab.mixin` (inside a LightningModule) <-
-:mod:`~lightning_qlab.callback`, :mod:`~lightning_qlab.models` <- :mod:`~lightning_qlab.cli`.
+PyTorch) and :mod:`~lightning_qlab.averaging` (what is evaluated: the average of the iterates) <-
+:mod:`~lightning_qlab.mixin` (inside a LightningModule) <- :mod:`~lightning_qlab.callback`,
+:mod:`~lightning_qlab.models` <- :mod:`~lightning_qlab.cli`.
 """
 
+from lightning_qlab.averaging import PolynomialAveraging, polynomial_decay_multi_avg_fn
 from lightning_qlab.callback import QLABMonitor
 from lightning_qlab.mixin import QLABConfig, QLABMixin
 from lightning_qlab.optimizer import QLAB, QLABStep, solve_step_size
 
-__all__ = ["QLAB", "QLABConfig", "QLABMixin", "QLABMonitor", "QLABStep", "solve_step_size"]
+__all__ = [
+    "PolynomialAveraging",
+    "QLAB",
+    "QLABConfig",
+    "QLABMixin",
+    "QLABMonitor",
+    "QLABStep",
+    "polynomial_decay_multi_avg_fn",
+    "solve_step_size",
+]
 __version__ = "0.1.0"

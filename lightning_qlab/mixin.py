@@ -27,19 +27,21 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ParallelStrategy, SingleDeviceStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.nn.modules.batchnorm import _NormBase
 from typing_extensions import override
 
+from lightning_qlab.averaging import PolynomialAveraging
 from lightning_qlab.optimizer import DIRECTIONS, MODES, QLAB
 
 __all__ = ["QLABConfig", "QLABMixin"]
@@ -70,6 +72,13 @@ class QLABConfig:
         gradient_clip_norm: clip the gradient to this total 2-norm before the step (``None``: off).
         gradient_clip_value: clip every gradient element to ``[-v, v]`` before the step
             (``None``: off; only with ``direction="sgd"``, see :class:`QLABMixin`).
+        weight_averaging: evaluate the polynomial-decay average of the iterates (default
+            ``True``): the mixin adds a :class:`~lightning_qlab.averaging.PolynomialAveraging`
+            callback, so validation, checkpoints' ``state_dict`` and the module after ``fit`` hold
+            the average, while training continues from the last iterate. ``False``: the last
+            iterate, as QLABGrad is published. If the Trainer already has a
+            :class:`~lightning.pytorch.callbacks.WeightAveraging` callback of yours, the mixin
+            adds none and yours applies.
 
     Example:
         >>> QLABConfig(direction="adam", accumulate_batches=4).optimizer_kwargs()["direction"]
@@ -86,6 +95,7 @@ class QLABConfig:
     accumulate_batches: int = 1
     gradient_clip_norm: Optional[float] = None
     gradient_clip_value: Optional[float] = None
+    weight_averaging: bool = True
 
     def __post_init__(self) -> None:
         # YAML and jsonargparse hand over lists; the field is a tuple so that the config stays hashable.
@@ -113,6 +123,8 @@ class QLABConfig:
             value = getattr(self, name)
             if value is not None and (not _is_number(value) or not math.isfinite(value) or value <= 0):
                 raise ValueError(f"QLABConfig: {name} must be None (off) or a positive number, got {value!r}.")
+        if not isinstance(self.weight_averaging, bool):
+            raise ValueError(f"QLABConfig: weight_averaging must be True or False, got {self.weight_averaging!r}.")
         if self.gradient_clip_value is not None and self.direction != "sgd":
             raise ValueError(_CLIP_VALUE_DIRECTION.format(direction=self.direction))
 
@@ -256,6 +268,15 @@ class QLABMixin:
           (forgetting it is reported as an error when clipping is configured).
         * ``on_validation_model_zero_grad`` keeps the gradient of an unfinished accumulation
           window; an override should call ``super().on_validation_model_zero_grad()``.
+        * ``configure_callbacks`` adds the :class:`~lightning_qlab.averaging.PolynomialAveraging`
+          that ``qlab_config.weight_averaging`` asks for; an override should return
+          ``super().configure_callbacks()`` together with its own callbacks.
+
+    What is evaluated: by default the polynomial-decay average of the iterates, not the last
+    iterate (see :mod:`lightning_qlab.averaging`). Validation during ``fit`` swaps the average in
+    and back out, checkpoints store it as their ``state_dict`` (the training weights ride along
+    for resuming), and after ``fit`` the module holds it. ``QLABConfig(weight_averaging=False)``
+    evaluates the last iterate, as QLABGrad is published.
 
     Clipping and the fitted parabola: QLAB fits ``phi(a) = L(w - a d)`` with slope ``-(g . d)``
     and reads ``g`` from ``.grad``. After clipping, ``.grad`` holds the clipped gradient while the
@@ -315,6 +336,34 @@ class QLABMixin:
     def configure_optimizers(self) -> QLAB:
         """A :class:`~lightning_qlab.optimizer.QLAB` over all parameters, configured by ``qlab_config``."""
         return QLAB(self.parameters(), **self._qlab_checked_config().optimizer_kwargs())
+
+    @override
+    def configure_callbacks(self) -> Sequence[Callback] | Callback:
+        """Your callbacks (``super().configure_callbacks()``) plus, when ``qlab_config.weight_averaging``
+        is on and the module trains with QLAB, a :class:`~lightning_qlab.averaging.PolynomialAveraging`.
+
+        Later calls with the same Trainer return the same instance, so the average survives
+        ``trainer.test`` after ``fit``. An override must return ``super().configure_callbacks()``
+        among its own callbacks, or the averaging is off.
+        """
+        callbacks = super().configure_callbacks()  # type: ignore[misc]
+        callbacks = list(callbacks) if isinstance(callbacks, Sequence) else [callbacks]
+        if self.automatic_optimization or not self._qlab_checked_config().weight_averaging:
+            return callbacks
+        present = [c for c in [*self.trainer.callbacks, *callbacks] if isinstance(c, WeightAveraging)]
+        ours = [c for c in present if getattr(c, "_added_by_qlab_mixin", False)]
+        yours = [c for c in present if c not in ours]
+        if yours:
+            rank_zero_info(
+                f"QLABMixin: the Trainer already averages weights with {type(yours[0]).__name__}; "
+                "the default PolynomialAveraging is not added."
+            )
+            return callbacks
+        if ours:  # a second fit/test with the same Trainer: keep the average it holds
+            return [*callbacks, ours[0]]
+        averaging = PolynomialAveraging()
+        averaging._added_by_qlab_mixin = True  # type: ignore[attr-defined]
+        return [*callbacks, averaging]
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:

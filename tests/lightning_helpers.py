@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import WeightAveraging
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
@@ -164,9 +165,12 @@ def _ddp_main(out_dir: Path) -> None:
             **fit_settings,
         )
         trainer.fit(model, DataLoader(data, batch_size=DDP_BATCH, sampler=RankStrideSampler(data)))
+        # After fit the module holds the polynomial-decay average of the iterates (QLABConfig's default).
         parameters = {key: value.detach().clone() for key, value in model.named_parameters()}
+        averaging = [type(c).__name__ for c in trainer.callbacks if isinstance(c, WeightAveraging)]
         torch.save(
-            {"parameters": parameters, "step_sizes": list(monitor.step_sizes), "global_step": trainer.global_step},
+            {"parameters": parameters, "step_sizes": list(monitor.step_sizes), "global_step": trainer.global_step,
+             "averaging": averaging},
             out_dir / f"{name}_rank{trainer.global_rank}.pt",
         )
 

@@ -2,7 +2,9 @@
 
 The worker is tests/lightning_helpers.py run as a script; Lightning's DDP launcher starts the
 second rank by re-running it. Each rank saves its final parameters, which are compared here with
-each other and with one process that trains on the concatenated batches.
+each other and with one process that trains on the concatenated batches. The saved parameters
+are the polynomial-decay averages of the iterates that QLABMixin evaluates by default, so the
+comparison covers the steps and the averaging together.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ def ddp_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict
 def test_ranks_take_identical_steps(ddp_results, name):
     rank0, rank1 = ddp_results[name]
     assert rank0["global_step"] == rank1["global_step"] > 0
+    assert rank0["averaging"] == rank1["averaging"] == ["PolynomialAveraging"]  # the parameters are averages
     assert len(rank0["step_sizes"]) == rank0["global_step"]
     assert rank0["step_sizes"] == rank1["step_sizes"]
     assert rank0["parameters"].keys() == rank1["parameters"].keys()
