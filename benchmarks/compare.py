@@ -54,6 +54,8 @@ class Contender:
 
 def _qlab(direction: str, mode: str, initial_step: Optional[float] = None) -> Contender:
     settings: dict[str, Any] = {"direction": direction, "mode": mode}
+    if mode == "paper":  # the rule as published evaluates its last iterate
+        settings["weight_averaging"] = False
     if initial_step is not None:
         settings["initial_step"] = initial_step
     suffix = "" if initial_step is None else f" beta0={initial_step:g}"
@@ -209,16 +211,12 @@ class RunResult:
     curves: dict[str, Any] = field(default_factory=dict)
 
 
-def run_one(contender: Contender, panel: Panel, args: argparse.Namespace, data_dir: Path, workdir: Path) -> RunResult:
-    result = RunResult(contender)
-    if contender.requires and not _importable(contender.requires):
-        result.status = f"not installed (pip install {contender.requires})"
-        return result
-    recorder = RunRecorder()
-    callbacks: list[Callback] = [recorder, ScheduleFreeModes()]
-    if contender.extra_forward:
-        # Before the recorder, whose on_train_batch_end stops the step's clock.
-        callbacks.insert(0, ExtraForward())
+def build_cli(contender: Contender, panel: Panel, args: argparse.Namespace, data_dir: Path, workdir: Path,
+              callbacks: list[Callback]) -> QLABLightningCLI:
+    """The package's CLI on the panel's config with the contender's override, built but not run.
+
+    ``args`` holds this script's options (seed, num_workers, epochs, val_check_interval,
+    limit_train_batches) and ``cli_args``, the arguments after ``--``."""
     cli_args = [
         "--config", str(REPO / panel.config),
         "--seed_everything", str(args.seed),
@@ -241,6 +239,20 @@ def run_one(contender: Contender, panel: Panel, args: argparse.Namespace, data_d
         cli = QLABLightningCLI(args=cli_args, run=False, trainer_defaults={"callbacks": callbacks})
     finally:
         sys.argv = argv
+    return cli
+
+
+def run_one(contender: Contender, panel: Panel, args: argparse.Namespace, data_dir: Path, workdir: Path) -> RunResult:
+    result = RunResult(contender)
+    if contender.requires and not _importable(contender.requires):
+        result.status = f"not installed (pip install {contender.requires})"
+        return result
+    recorder = RunRecorder()
+    callbacks: list[Callback] = [recorder, ScheduleFreeModes()]
+    if contender.extra_forward:
+        # Before the recorder, whose on_train_batch_end stops the step's clock.
+        callbacks.insert(0, ExtraForward())
+    cli = build_cli(contender, panel, args, data_dir, workdir, callbacks)
     cli.trainer.fit(cli.model, cli.datamodule)
     tested = cli.trainer.test(cli.model, cli.datamodule, verbose=False)
     result.test_acc = 100 * float(tested[0]["test_acc"])

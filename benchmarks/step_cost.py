@@ -8,7 +8,9 @@ no-grad forward on the same batch. This script times, per model:
 * ``adam_floor``: the same with ``torch.optim.Adam``: the floor of a method that scales the
   gradient per coordinate, as QLAB's default ``rmsprop`` direction does;
 * ``qlab``:  zero_grad, forward, backward, ``QLAB.step(loss, trial_loss_fn)`` (the default
-  direction), and ``qlab_sgd`` with ``direction="sgd"``.
+  direction), and ``qlab_sgd`` with ``direction="sgd"``;
+* ``qlab_avg``: ``qlab`` plus the update of the polynomial-decay average of the weights that
+  ``QLABMixin`` evaluates by default (``AveragedModel.update_parameters``).
 
 Each variant trains its own copy of the model on the same data. The runs are interleaved
 (sgd, floor, qlab, sgd, floor, qlab, ...) so that drifts of the machine hit all three alike;
@@ -33,6 +35,9 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from torch.optim.swa_utils import AveragedModel
+
+from lightning_qlab.averaging import polynomial_decay_multi_avg_fn
 from lightning_qlab.optimizer import QLAB
 
 
@@ -83,15 +88,18 @@ def make_steppers(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Callable[
     def adam(params):
         return torch.optim.Adam(params, lr=1e-3)
 
-    def qlab_stepper(direction: str) -> Callable[[], None]:
+    def qlab_stepper(direction: str, averaged: bool = False) -> Callable[[], None]:
         qlab_model = copy.deepcopy(model)
         qlab = QLAB(qlab_model.parameters(), initial_step=0.01, direction=direction)
+        average = AveragedModel(qlab_model, multi_avg_fn=polynomial_decay_multi_avg_fn(), use_buffers=True)
 
         def qlab_step() -> None:
             qlab.zero_grad(set_to_none=True)
             loss = loss_fn(qlab_model(x), y)
             loss.backward()
             qlab.step(loss, lambda: loss_fn(qlab_model(x), y))
+            if averaged:
+                average.update_parameters(qlab_model)
 
         return qlab_step
 
@@ -99,6 +107,7 @@ def make_steppers(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Callable[
     steppers["floor"] = torch_stepper(sgd, extra_forward=True)
     steppers["adam_floor"] = torch_stepper(adam, extra_forward=True)
     steppers["qlab"], steppers["qlab_sgd"] = qlab_stepper("rmsprop"), qlab_stepper("sgd")
+    steppers["qlab_avg"] = qlab_stepper("rmsprop", averaged=True)
     return steppers
 
 
@@ -150,14 +159,14 @@ def main() -> None:
         n_params = sum(p.numel() for p in model.parameters())
         rows.append((name, n_params, med))
     print("| model | params | SGD ms | floor: SGD + forward, ms | Adam + forward, ms | QLAB default (rmsprop) ms "
-          "| QLAB sgd ms | QLAB default / floor | QLAB sgd / floor | QLAB default / (Adam + forward) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| QLAB default + averaging ms | QLAB sgd ms | QLAB default / floor | QLAB default + averaging / floor "
+          "| QLAB sgd / floor | QLAB default / (Adam + forward) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, n_params, med in rows:
         print(f"| {name} | {n_params / 1e6:.2f} M | {1e3 * med['sgd']:.2f} | {1e3 * med['floor']:.2f} | "
-              f"{1e3 * med['adam_floor']:.2f} | {1e3 * med['qlab']:.2f} | {1e3 * med['qlab_sgd']:.2f} | "
-              f"{med['qlab'] / med['floor']:.3f} | {med['qlab_sgd'] / med['floor']:.3f} | "
-              f"{med['qlab'] / med['adam_floor']:.3f} |")
-
+              f"{1e3 * med['adam_floor']:.2f} | {1e3 * med['qlab']:.2f} | {1e3 * med['qlab_avg']:.2f} | "
+              f"{1e3 * med['qlab_sgd']:.2f} | {med['qlab'] / med['floor']:.3f} | {med['qlab_avg'] / med['floor']:.3f} | "
+              f"{med['qlab_sgd'] / med['floor']:.3f} | {med['qlab'] / med['adam_floor']:.3f} |")
 
 if __name__ == "__main__":
     main()

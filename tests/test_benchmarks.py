@@ -84,8 +84,21 @@ def test_heldout_tasks_run_and_report(tmp_path: Path) -> None:
                          "--out", str(tmp_path)])
     rows = [line for line in text.splitlines() if line.startswith("| QLAB") or line.startswith("| SGD")]
     assert [row.split(" | ")[0] for row in rows] == ["| QLAB rmsprop safeguarded", "| SGD lr=0.1"]
-    assert rows[0].split(" | ")[2] == "1.00"  # the default is the reference of the ratio column
+    assert rows[0].split(" | ")[4] == "1.00"  # the default's average is the reference of the ratio columns
     assert all(row.endswith("| ok |") for row in rows)
     assert (tmp_path / "results.md").read_text() == text
     with pytest.raises(SystemExit):
         heldout.main(["--tasks", "images", "--out", str(tmp_path)])
+
+
+def test_averaging_eta_tests_the_last_iterate_and_each_average(mnist_root: Path, tmp_path: Path) -> None:
+    import averaging_eta
+
+    text = averaging_eta.main(["mnist-mlp", "--data-dir", str(mnist_root), "--out", str(tmp_path), "--epochs", "2",
+                               "--limit-train-batches", "3", "--threads", "1", "--etas", "0,3"])
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert [row[1] for row in rows] == ["3", "6"]  # the optimizer steps taken by the end of each epoch
+    assert all(0.0 <= float(value.strip(" |")) <= 100.0 for row in rows for value in row[2:])
+    assert (tmp_path / "mnist-mlp-qlab.md").read_text() == text
+    with pytest.raises(SystemExit):
+        averaging_eta.main(["mnist-mlp", "--data-dir", str(mnist_root), "--etas", "three"])
