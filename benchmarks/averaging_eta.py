@@ -115,16 +115,8 @@ def main(argv: Optional[list[str]] = None) -> str:
     parser.add_argument("panel", choices=["mnist-mlp", "cifar10-cnn"])
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="qlab")
     parser.add_argument("--etas", default="0,1,3,8,20", help="comma-separated eta values")
-    parser.add_argument("--data-dir", help="the data set's folder (MNIST root or the CIFAR-10 ImageFolder root)")
-    parser.add_argument("--shared-data", help="the offline copy (MNIST/raw, cifar10-jpeg.zip) to lay out in --cache-dir")
-    parser.add_argument("--cache-dir", default="/tmp/lightning-qlab-data")
     parser.add_argument("--out", help="output folder (default benchmarks/results/averaging-eta)")
-    parser.add_argument("--epochs", type=int, help="override the panel's epoch budget")
-    parser.add_argument("--limit-train-batches", type=int, help="smoke runs: batches per epoch (and val/test)")
-    parser.add_argument("--val-check-interval", type=float, default=0.25, help="as in compare.py (same value, same run)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()))
-    parser.add_argument("--num-workers", type=int, default=0)
+    compare.add_run_options(parser)  # the same values as compare.py's give the same training run
     args = parser.parse_args(argv)
     args.cli_args = []
     try:

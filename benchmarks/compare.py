@@ -456,20 +456,25 @@ def _smooth(values: list[float], window: int = 25) -> list[float]:
 
 
 # --------------------------------------------------------------------------- main
-def main(argv: Optional[list[str]] = None) -> list[RunResult]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("panel", choices=sorted(PANELS))
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The options that build_cli and prepare_data read: where the data is, the budget, the seed."""
     parser.add_argument("--data-dir", help="the data set's folder (MNIST root or the CIFAR-10 ImageFolder root)")
     parser.add_argument("--shared-data", help="the offline copy (MNIST/raw, cifar10-jpeg.zip) to lay out in --cache-dir")
     parser.add_argument("--cache-dir", default="/tmp/lightning-qlab-data")
-    parser.add_argument("--out", help="output folder (default benchmarks/results/<panel>)")
-    parser.add_argument("--only", help="comma-separated substrings: run only contenders whose name contains one")
     parser.add_argument("--epochs", type=int, help="override the panel's epoch budget")
     parser.add_argument("--limit-train-batches", type=int, help="smoke runs: batches per epoch (and val/test)")
     parser.add_argument("--val-check-interval", type=float, default=0.25, help="fraction of an epoch between validations")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()))
     parser.add_argument("--num-workers", type=int, default=0)
+
+
+def main(argv: Optional[list[str]] = None) -> list[RunResult]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("panel", choices=sorted(PANELS))
+    parser.add_argument("--out", help="output folder (default benchmarks/results/<panel>)")
+    parser.add_argument("--only", help="comma-separated substrings: run only contenders whose name contains one")
+    add_run_options(parser)
     parser.add_argument("--report-only", metavar="COMMAND",
                         help="rebuild the tables and plots from --out's results.json; COMMAND is the "
                              "command that produced it, for the report")
