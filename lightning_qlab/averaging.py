@@ -72,6 +72,10 @@ def polynomial_decay_multi_avg_fn(eta: float = DEFAULT_ETA) -> Callable[[list[Te
         if not (first.is_floating_point() or first.is_complex()):
             torch._foreach_copy_(averaged, current)
             return
+        if any(c.dtype != a.dtype for a, c in zip(averaged, current)):
+            # A module trained in half precision ("bf16-true") keeps a float32 average: in bf16 the
+            # small late weights c_t would round the updates away.
+            current = [c.to(a.dtype) for a, c in zip(averaged, current)]
         dtype = first.real.dtype if first.is_complex() else first.dtype
         if isinstance(num_averaged, Tensor):
             # The weight in float32 or wider, then in the parameters' dtype, as lerp wants it.

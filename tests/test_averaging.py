@@ -64,6 +64,23 @@ def test_the_weights_grow_like_a_rising_factorial():
     torch.testing.assert_close(average.module.weight[0], weights, rtol=0, atol=1e-14)
 
 
+def test_a_half_precision_module_keeps_a_float32_average():
+    """Lightning's "bf16-true" converts the module after the average was copied in float32."""
+    generator = torch.Generator().manual_seed(1)
+    net = torch.nn.Linear(4, 3)
+    average = AveragedModel(net, multi_avg_fn=polynomial_decay_multi_avg_fn())
+    net = net.to(torch.bfloat16)
+    iterates = []
+    for _ in range(30):
+        with torch.no_grad():
+            net.weight.copy_(torch.randn(3, 4, generator=generator))
+        iterates.append(net.weight.detach().double())
+        average.update_parameters(net)
+    assert average.module.weight.dtype == torch.float32
+    torch.testing.assert_close(average.module.weight.double(), reference_average(iterates, DEFAULT_ETA),
+                               rtol=0, atol=1e-6)
+
+
 def test_integer_buffers_take_the_current_value():
     net = torch.nn.BatchNorm1d(3)
     average = AveragedModel(net, multi_avg_fn=polynomial_decay_multi_avg_fn(), use_buffers=True)
@@ -291,3 +308,17 @@ def test_a_second_fit_on_the_same_trainer_keeps_one_averaging_callback():
 def test_config_rejects_a_non_boolean_switch():
     with pytest.raises(ValueError, match="weight_averaging must be True or False"):
         QLABConfig(weight_averaging="yes")  # type: ignore[arg-type]
+
+
+def test_fit_in_bf16_true_precision_averages_in_float32():
+    data = regression_data(4 * 8, seed=12)
+    model, recorder = RegressionNet(), IterateRecorder()
+    trainer = quiet_trainer(max_epochs=1, precision="bf16-true", callbacks=[recorder])
+    trainer.fit(model, DataLoader(data, batch_size=8))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    (averaging,) = _averaging_callbacks(trainer)
+    held = averaging._average_model.module  # after fit: the last iterate, kept in float32
+    assert {p.dtype for p in held.parameters()} == {torch.float32}
+    assert torch.equal(_vector(held).to(torch.bfloat16), recorder.iterates[-1])
+    expected = reference_average([iterate.double() for iterate in recorder.iterates], DEFAULT_ETA)
+    torch.testing.assert_close(_vector(model).double(), expected, rtol=1e-2, atol=1e-2)  # bf16's resolution
