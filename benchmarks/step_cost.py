@@ -5,8 +5,9 @@ no-grad forward on the same batch. This script times, per model:
 
 * ``sgd``:   zero_grad, forward, backward, ``torch.optim.SGD.step``;
 * ``floor``: the same, plus one no-grad forward of the loss on the same batch;
-* ``adam_floor``: the same with ``torch.optim.Adam``: the floor of a method that scales the
-  gradient per coordinate, as QLAB's default ``rmsprop`` direction does;
+* ``adam``: zero_grad, forward, backward, ``torch.optim.Adam.step`` (for time-to-accuracy
+  comparisons with Adam), and ``adam_floor``, the same plus one no-grad forward: the floor of a
+  method that scales the gradient per coordinate, as QLAB's default ``rmsprop`` direction does;
 * ``qlab``:  zero_grad, forward, backward, ``QLAB.step(loss, trial_loss_fn)`` (the default
   direction), and ``qlab_sgd`` with ``direction="sgd"``;
 * ``qlab_avg``: ``qlab`` plus the update of the polynomial-decay average of the weights that
@@ -38,6 +39,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
 from lightning_qlab.averaging import polynomial_decay_multi_avg_fn
+from lightning_qlab.models import SmallCNN
 from lightning_qlab.optimizer import QLAB
 
 
@@ -55,9 +57,15 @@ def small_cnn() -> nn.Module:
     )
 
 
+def panel_cnn() -> nn.Module:
+    """The CIFAR-10 panel's model (configs/cifar10_cnn.yaml): 3 conv blocks with batch norm."""
+    return SmallCNN(in_channels=3, image_size=32, channels=[32, 64, 128], hidden_size=256, num_classes=10)
+
+
 MODELS = {
     "MLP 784-1000-1000-10, batch 128": (mlp, (128, 1, 28, 28)),
     "CNN 2 conv + 2 fc (CIFAR-sized), batch 64": (small_cnn, (64, 3, 32, 32)),
+    "SmallCNN of the CIFAR-10 panel, batch 128": (panel_cnn, (128, 3, 32, 32)),
 }
 
 
@@ -105,6 +113,7 @@ def make_steppers(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Callable[
 
     steppers["sgd"] = torch_stepper(sgd, extra_forward=False)
     steppers["floor"] = torch_stepper(sgd, extra_forward=True)
+    steppers["adam"] = torch_stepper(adam, extra_forward=False)
     steppers["adam_floor"] = torch_stepper(adam, extra_forward=True)
     steppers["qlab"], steppers["qlab_sgd"] = qlab_stepper("rmsprop"), qlab_stepper("sgd")
     steppers["qlab_avg"] = qlab_stepper("rmsprop", averaged=True)
@@ -158,13 +167,13 @@ def main() -> None:
         med = {k: statistics.median(v) for k, v in times.items()}
         n_params = sum(p.numel() for p in model.parameters())
         rows.append((name, n_params, med))
-    print("| model | params | SGD ms | floor: SGD + forward, ms | Adam + forward, ms | QLAB default (rmsprop) ms "
+    print("| model | params | SGD ms | floor: SGD + forward, ms | Adam ms | Adam + forward, ms | QLAB default (rmsprop) ms "
           "| QLAB default + averaging ms | QLAB sgd ms | QLAB default / floor | QLAB default + averaging / floor "
           "| QLAB sgd / floor | QLAB default / (Adam + forward) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, n_params, med in rows:
         print(f"| {name} | {n_params / 1e6:.2f} M | {1e3 * med['sgd']:.2f} | {1e3 * med['floor']:.2f} | "
-              f"{1e3 * med['adam_floor']:.2f} | {1e3 * med['qlab']:.2f} | {1e3 * med['qlab_avg']:.2f} | "
+              f"{1e3 * med['adam']:.2f} | {1e3 * med['adam_floor']:.2f} | {1e3 * med['qlab']:.2f} | {1e3 * med['qlab_avg']:.2f} | "
               f"{1e3 * med['qlab_sgd']:.2f} | {med['qlab'] / med['floor']:.3f} | {med['qlab_avg'] / med['floor']:.3f} | "
               f"{med['qlab_sgd'] / med['floor']:.3f} | {med['qlab'] / med['adam_floor']:.3f} |")
 
