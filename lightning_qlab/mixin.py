@@ -342,7 +342,7 @@ class QLABMixin:
         """Your callbacks (``super().configure_callbacks()``) plus, when ``qlab_config.weight_averaging``
         is on and the module trains with QLAB, a :class:`~lightning_qlab.averaging.PolynomialAveraging`.
 
-        Later calls with the same Trainer return the same instance, so the average survives
+        Later calls with the same Trainer leave that instance in place, so the average survives
         ``trainer.test`` after ``fit``. An override must return ``super().configure_callbacks()``
         among its own callbacks, or the averaging is off.
         """
@@ -359,8 +359,8 @@ class QLABMixin:
                 "the default PolynomialAveraging is not added."
             )
             return callbacks
-        if ours:  # a second fit/test with the same Trainer: keep the average it holds
-            return [*callbacks, ours[0]]
+        if ours:  # a second fit/test with the same Trainer: it already holds the average
+            return callbacks
         averaging = PolynomialAveraging()
         averaging._added_by_qlab_mixin = True  # type: ignore[attr-defined]
         return [*callbacks, averaging]

@@ -295,14 +295,20 @@ def test_no_averaging_when_switched_off_or_for_a_baseline_optimizer():
     assert _averaging_callbacks(trainer) == []
 
 
-def test_a_second_fit_on_the_same_trainer_keeps_one_averaging_callback():
+def test_a_second_call_on_the_same_trainer_keeps_one_averaging_callback(caplog):
+    class Tested(RegressionNet):
+        def test_step(self, batch: Any, batch_idx: int) -> None:
+            pass
+
     data = regression_data(2 * 8, seed=11)
-    model, trainer = RegressionNet(), quiet_trainer(max_epochs=1)
+    model, trainer = Tested(), quiet_trainer(max_epochs=1)
     trainer.fit(model, DataLoader(data, batch_size=8))
     first = _averaging_callbacks(trainer)
+    trainer.test(model, DataLoader(data, batch_size=8), verbose=False)
     trainer.fit_loop.max_epochs = 2
     trainer.fit(model, DataLoader(data, batch_size=8))
     assert _averaging_callbacks(trainer) == first and len(first) == 1
+    assert "override existing callbacks" not in caplog.text  # nothing to tell the user about
 
 
 def test_config_rejects_a_non_boolean_switch():
