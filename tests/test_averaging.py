@@ -245,13 +245,24 @@ def test_resuming_restores_the_average_exactly(tmp_path):
     resumed_trainer.fit(resumed, loader(), ckpt_path=tmp_path / "epoch1.ckpt")
     resumed_trainer.save_checkpoint(tmp_path / "resumed.ckpt")
 
+    # A checkpoint written during fit (by ModelCheckpoint, at the end of the first epoch) too.
+    during = quiet_trainer(max_epochs=1, enable_checkpointing=True, default_root_dir=tmp_path / "during")
+    during.fit(RegressionNet(), loader())
+    during_checkpoint = during.checkpoint_callback.best_model_path
+    resumed_during = RegressionNet(seed=9)
+    resumed_during_trainer = quiet_trainer(max_epochs=3)
+    resumed_during_trainer.fit(resumed_during, loader(), ckpt_path=during_checkpoint)
+    resumed_during_trainer.save_checkpoint(tmp_path / "resumed_during.ckpt")
+
     assert torch.equal(_vector(resumed), _vector(straight))  # the averages
+    assert torch.equal(_vector(resumed_during), _vector(straight))
     one = torch.load(tmp_path / "straight.ckpt", weights_only=False)
-    other = torch.load(tmp_path / "resumed.ckpt", weights_only=False)
-    for key in ("state_dict", "current_model_state", "averaging_state"):
-        assert one[key].keys() == other[key].keys()
-        for name in one[key]:
-            assert torch.equal(one[key][name], other[key][name]), (key, name)
+    for other_path in ("resumed.ckpt", "resumed_during.ckpt"):
+        other = torch.load(tmp_path / other_path, weights_only=False)
+        for key in ("state_dict", "current_model_state", "averaging_state"):
+            assert one[key].keys() == other[key].keys()
+            for name in one[key]:
+                assert torch.equal(one[key][name], other[key][name]), (other_path, key, name)
 
 
 def test_resuming_with_another_eta_is_refused(tmp_path):
