@@ -151,9 +151,15 @@ class PolynomialAveraging(WeightAveraging):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        if stage == "fit":
+        if stage == "fit" and self._fit_ended:
+            # A further fit on the same Trainer: continue from the training weights, and keep
+            # the average so far (Lightning's callback would restart it from the module, which
+            # holds the average at this point).
+            assert self._average_model is not None
+            self._swap_models(pl_module)
             self._fit_ended = False
+            return
+        super().setup(trainer, pl_module, stage)
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -306,13 +306,14 @@ def test_no_averaging_when_switched_off_or_for_a_baseline_optimizer():
     assert _averaging_callbacks(trainer) == []
 
 
-def test_a_second_call_on_the_same_trainer_keeps_one_averaging_callback(caplog):
+def test_further_calls_on_the_same_trainer_keep_the_average_and_the_iterate(caplog):
     class Tested(RegressionNet):
         def test_step(self, batch: Any, batch_idx: int) -> None:
             pass
 
     data = regression_data(2 * 8, seed=11)
-    model, trainer = Tested(), quiet_trainer(max_epochs=1)
+    model, recorder = Tested(), IterateRecorder()
+    trainer = quiet_trainer(max_epochs=1, callbacks=[recorder])
     trainer.fit(model, DataLoader(data, batch_size=8))
     first = _averaging_callbacks(trainer)
     trainer.test(model, DataLoader(data, batch_size=8), verbose=False)
@@ -320,6 +321,10 @@ def test_a_second_call_on_the_same_trainer_keeps_one_averaging_callback(caplog):
     trainer.fit(model, DataLoader(data, batch_size=8))
     assert _averaging_callbacks(trainer) == first and len(first) == 1
     assert "override existing callbacks" not in caplog.text  # nothing to tell the user about
+    # The second fit continued from the training weights, and the average from where it was.
+    assert len(recorder.iterates) == 4
+    torch.testing.assert_close(_vector(model).double(), reference_average(recorder.iterates, DEFAULT_ETA),
+                               rtol=0, atol=1e-6)
 
 
 def test_config_rejects_a_non_boolean_switch():
