@@ -35,7 +35,10 @@ from lightning_qlab.averaging import polynomial_decay_multi_avg_fn
 OPTIMIZERS = {
     "qlab": compare.Contender("QLAB default", "QLAB", ("--model.init_args.qlab_config",
                                                        json.dumps({"weight_averaging": False}))),
-    "adam": compare._torch("Adam lr=1e-3", "Adam", "torch.optim.Adam", lr=1e-3),
+    "adam": compare.torch_contender("Adam lr=1e-3", "Adam", "torch.optim.Adam", lr=1e-3),
+    # The best momentum-SGD grid point of the CIFAR-10 panel.
+    "momentum": compare.torch_contender("SGD momentum 0.9 lr=0.03", "Momentum grid", "torch.optim.SGD",
+                                        lr=0.03, momentum=0.9),
 }
 
 

@@ -52,7 +52,7 @@ class Contender:
     extra_forward: bool = False  # the floor: an SGD step plus one no-grad forward
 
 
-def _qlab(direction: str, mode: str, initial_step: Optional[float] = None) -> Contender:
+def qlab_contender(direction: str, mode: str, initial_step: Optional[float] = None) -> Contender:
     settings: dict[str, Any] = {"direction": direction, "mode": mode}
     if mode == "paper":  # the rule as published evaluates its last iterate
         settings["weight_averaging"] = False
@@ -63,29 +63,30 @@ def _qlab(direction: str, mode: str, initial_step: Optional[float] = None) -> Co
                      ("--model.init_args.qlab_config", json.dumps(settings)))
 
 
-def _torch(name: str, family: str, class_path: str, requires: Optional[str] = None, **init_args: Any) -> Contender:
+def torch_contender(name: str, family: str, class_path: str, requires: Optional[str] = None,
+                    **init_args: Any) -> Contender:
     spec = {"class_path": class_path, "init_args": init_args}
     return Contender(name, family, ("--model.init_args.optimizer", json.dumps(spec)), requires)
 
 
 def contenders(panel: str) -> list[Contender]:
     if panel == "sweep":  # the default direction, the published one, and the published rule
-        return [_qlab(direction, mode, beta0)
+        return [qlab_contender(direction, mode, beta0)
                 for direction, mode in (("rmsprop", "safeguarded"), ("sgd", "safeguarded"), ("sgd", "paper"))
                 for beta0 in (1e-6, 1e-3, 0.1, 1.0, 10.0)]
-    runs = [_qlab(direction, mode) for direction in ("rmsprop", "sgd", "momentum", "adam")
+    runs = [qlab_contender(direction, mode) for direction in ("rmsprop", "sgd", "momentum", "adam")
             for mode in ("safeguarded", "paper")]
-    runs += [_torch(f"SGD lr={lr:g}", "SGD grid", "torch.optim.SGD", lr=lr) for lr in (0.03, 0.1, 0.3)]
-    runs += [_torch(f"SGD momentum 0.9 lr={lr:g}", "Momentum grid", "torch.optim.SGD", lr=lr, momentum=0.9)
+    runs += [torch_contender(f"SGD lr={lr:g}", "SGD grid", "torch.optim.SGD", lr=lr) for lr in (0.03, 0.1, 0.3)]
+    runs += [torch_contender(f"SGD momentum 0.9 lr={lr:g}", "Momentum grid", "torch.optim.SGD", lr=lr, momentum=0.9)
              for lr in (0.01, 0.03, 0.1)]
-    runs += [_torch("Adam lr=1e-3", "Adam", "torch.optim.Adam", lr=1e-3)]
+    runs += [torch_contender("Adam lr=1e-3", "Adam", "torch.optim.Adam", lr=1e-3)]
     runs += [
-        _torch("D-Adaptation SGD", "LR-free", "dadaptation.DAdaptSGD", "dadaptation", lr=1.0),
-        _torch("Prodigy", "LR-free", "prodigyopt.Prodigy", "prodigyopt", lr=1.0),
-        _torch("Schedule-Free AdamW", "LR-free", "schedulefree.AdamWScheduleFree", "schedulefree", lr=0.0025),
-        _torch("DoG", "LR-free", "dog.DoG", "dog", lr=1.0),
+        torch_contender("D-Adaptation SGD", "LR-free", "dadaptation.DAdaptSGD", "dadaptation", lr=1.0),
+        torch_contender("Prodigy", "LR-free", "prodigyopt.Prodigy", "prodigyopt", lr=1.0),
+        torch_contender("Schedule-Free AdamW", "LR-free", "schedulefree.AdamWScheduleFree", "schedulefree", lr=0.0025),
+        torch_contender("DoG", "LR-free", "dog.DoG", "dog", lr=1.0),
     ]
-    floor = _torch("floor: SGD + 1 no-grad forward", "floor", "torch.optim.SGD", lr=0.1)
+    floor = torch_contender("floor: SGD + 1 no-grad forward", "floor", "torch.optim.SGD", lr=0.1)
     runs.append(Contender(floor.name, floor.family, floor.overrides, extra_forward=True))
     return runs
 
