@@ -351,15 +351,13 @@ class QLABMixin:
         if self.automatic_optimization or not self._qlab_checked_config().weight_averaging:
             return callbacks
         present = [c for c in [*self.trainer.callbacks, *callbacks] if isinstance(c, WeightAveraging)]
-        ours = [c for c in present if getattr(c, "_added_by_qlab_mixin", False)]
-        yours = [c for c in present if c not in ours]
+        yours = [c for c in present if not getattr(c, "_added_by_qlab_mixin", False)]
         if yours:
             rank_zero_info(
                 f"QLABMixin: the Trainer already averages weights with {type(yours[0]).__name__}; "
                 "the default PolynomialAveraging is not added."
             )
-            return callbacks
-        if ours:  # a second fit/test with the same Trainer: it already holds the average
+        if present:  # yours, or ours from an earlier fit/test with this Trainer (it holds the average)
             return callbacks
         averaging = PolynomialAveraging()
         averaging._added_by_qlab_mixin = True  # type: ignore[attr-defined]
