@@ -184,9 +184,9 @@ class QLAB(Optimizer):
     on MNIST, 67.44 vs 63.91% on CIFAR-10; with the average of the iterates that
     :class:`~lightning_qlab.QLABMixin` evaluates, 98.40 vs 98.33% and 78.53 vs 76.69%. It also
     learns a recurrent task (the adding problem) that ``d = g``, like plain SGD, does not learn
-    in the budget at all. ``betas[1] = 0.999`` and ``eps = 1e-8`` are
-    Adam's published defaults (Kingma & Ba, 2015), taken unchanged rather than tuned:
-    ``v_hat`` averages ``g^2`` over about 1/(1 - 0.999) = 1,000 steps.
+    in the budget at all. ``betas[1] = 0.999`` and ``eps = 1e-8`` are Adam's published defaults
+    (Kingma & Ba, 2015), taken unchanged rather than tuned: ``v_hat`` averages ``g^2`` over
+    about 1/(1 - 0.999) = 1,000 steps.
     ``direction="sgd"`` is QLABGrad exactly as published.
 
     Safeguards (``"safeguarded"`` mode; each is counted in :attr:`events`):
