@@ -3,26 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict
 from typing import Any, Optional, Sequence, Union
 
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
-from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from lightning_qlab.mixin import QLABConfig, QLABMixin
-from lightning_qlab.optimizer import QLAB
+from lightning_qlab.mixin import QLABConfig
+from lightning_qlab.models.base import QLABModel
 
 __all__ = ["ImageClassifier"]
 
 Batch = tuple[Tensor, Tensor]
 
 
-class ImageClassifier(QLABMixin, LightningModule):
+class ImageClassifier(QLABModel):
     """A classifier around any backbone network, trained with QLABGrad by default.
 
     The backbone maps images to one score per class; training minimises the cross-entropy, and
@@ -70,7 +67,7 @@ class ImageClassifier(QLABMixin, LightningModule):
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         label_smoothing: float = 0.0,
     ) -> None:
-        super().__init__()
+        super().__init__(qlab_config, optimizer, lr_scheduler)
         if not isinstance(backbone, nn.Module):
             raise TypeError(
                 f"ImageClassifier: backbone must be a torch.nn.Module, got {type(backbone).__name__}; "
@@ -87,45 +84,15 @@ class ImageClassifier(QLABMixin, LightningModule):
             )
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"ImageClassifier: label_smoothing must be in [0, 1), got {label_smoothing!r}")
-        if isinstance(qlab_config, Mapping):  # as stored in a checkpoint's hyperparameters
-            qlab_config = QLABConfig(**qlab_config)
-        if not isinstance(qlab_config, QLABConfig):
-            raise TypeError(
-                f"ImageClassifier: qlab_config must be a QLABConfig, got {type(qlab_config).__name__}"
-            )
-        if lr_scheduler is not None and optimizer is None:
-            raise ValueError(
-                "ImageClassifier: lr_scheduler is set but optimizer is not. QLABGrad chooses its own "
-                "step sizes; a schedule only applies to a baseline optimizer (set optimizer too, or "
-                "remove lr_scheduler)."
-            )
-        if optimizer is not None and (
-            qlab_config.accumulate_batches != 1
-            or qlab_config.gradient_clip_norm is not None
-            or qlab_config.gradient_clip_value is not None
-        ):
-            raise ValueError(
-                "ImageClassifier: qlab_config.accumulate_batches / gradient_clip_* apply to QLABGrad "
-                "only; with a baseline optimizer use trainer.accumulate_grad_batches and "
-                "trainer.gradient_clip_val instead."
-            )
 
         self.backbone = backbone
         self.num_classes = num_classes
         self.top_k = top_k
         self.label_smoothing = float(label_smoothing)
-        self.qlab_config = qlab_config
-        self.optimizer_factory = optimizer
-        self.lr_scheduler_factory = lr_scheduler
-        # A baseline optimizer is stepped by Lightning; QLABGrad by the mixin (manual optimization).
-        self.automatic_optimization = optimizer is not None
-
         # The backbone's weights are in the state dict and the optimizer/scheduler callables are
         # code, so neither is a hyperparameter; the CLI saves the full config as config.yaml.
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
-        if isinstance(self.hparams.get("qlab_config"), QLABConfig):
-            # Plain values, so that checkpoints load with torch.load(weights_only=True).
-            self.hparams["qlab_config"] = asdict(self.hparams["qlab_config"])
+        self.plain_hyperparameters()
 
         self.val_accuracy = self._accuracies()
         self.test_accuracy = self._accuracies()
@@ -189,21 +156,3 @@ class ImageClassifier(QLABMixin, LightningModule):
             accuracy(logits, labels)
             self.log(f"{stage}_{name}", accuracy, prog_bar=name == "acc")
         return loss
-
-    @override
-    def configure_optimizers(self) -> Any:
-        if self.optimizer_factory is None:
-            return super().configure_optimizers()  # QLABGrad, from self.qlab_config
-        optimizer = self.optimizer_factory(self.parameters())
-        if isinstance(optimizer, QLAB):
-            raise ValueError(
-                "ImageClassifier: optimizer is QLAB, which needs the mixin's manual optimization. "
-                "Leave optimizer unset (QLABGrad is the default) and configure it under qlab_config."
-            )
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
-        schedule: dict[str, Any] = {"scheduler": scheduler, "interval": "epoch"}
-        if isinstance(scheduler, ReduceLROnPlateau):
-            schedule["monitor"] = "val_loss"
-        return {"optimizer": optimizer, "lr_scheduler": schedule}
