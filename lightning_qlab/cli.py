@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, NoReturn, Optional, Sequence
 
 from jsonargparse import DefaultHelpFormatter
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
@@ -34,6 +35,7 @@ from typing_extensions import override
 import lightning_qlab.data as qlab_data
 import lightning_qlab.models as qlab_models
 from lightning_qlab.data import DataMismatchError, DataNotFoundError
+from lightning_qlab.predictions import PredictionWriter
 
 __all__ = ["QLABLightningCLI", "main", "lightning_main", "OUR_SUBCOMMANDS"]
 
@@ -168,6 +170,12 @@ class QLABLightningCLI(LightningCLI):
                 f"model.init_args.num_classes (and the backbone's num_classes) to {data_classes}."
             )
 
+    def before_predict(self) -> None:
+        """``lightning predict`` writes what it predicts to the run folder (unless a writer of the
+        user's own is on the Trainer)."""
+        if not any(isinstance(callback, BasePredictionWriter) for callback in self.trainer.callbacks):
+            self.trainer.callbacks.append(PredictionWriter())
+
     @override
     def instantiate_classes(self) -> None:
         try:
@@ -185,11 +193,12 @@ class _ConfigError(Exception):
 
 def describe_catalogue() -> str:
     """The models, datamodules, backbones and configs this package offers, for ``--help``."""
-    backbones = [name for name in qlab_models.__all__ if name != "ImageClassifier"]
+    models = ["ImageClassifier", "LanguageModel"]
+    backbones = [name for name in qlab_models.__all__ if name not in (*models, "QLABModel")]
     datamodules = [name for name in qlab_data.__all__
                    if name.endswith("DataModule") and name != "ImageClassificationDataModule"]
     lines = ["Models (--model NAME, or model.class_path: lightning_qlab.models.NAME in YAML):"]
-    lines += _describe_classes(qlab_models, ["ImageClassifier"])
+    lines += _describe_classes(qlab_models, models)
     lines.append("Backbones (model.init_args.backbone.class_path: lightning_qlab.models.NAME; "
                  "any torch.nn.Module works):")
     lines += _describe_classes(qlab_models, backbones)

@@ -68,3 +68,9 @@ def cifar10_jpeg_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
             taken[key] = taken.get(key, 0) + 1
             zf.extract(name, root)
     return root / "cifar10-jpeg"
+
+
+@pytest.fixture(scope="session")
+def fortunes_text() -> Path:
+    """The offline English text (about 2.5 MB, gzip-compressed), read in place."""
+    return _require("text/fortunes.txt.gz")

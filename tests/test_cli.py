@@ -88,6 +88,10 @@ def test_mnist_mlp_fit_then_validate_test_predict_from_checkpoint(mnist_root, tm
     with torch.no_grad():
         expected = network.eval()(images).argmax(dim=1)
     assert torch.equal(torch.cat(predictions), expected)
+    # The same predictions, written to the predict run's folder: "sample index, class" per line.
+    with open(Path(predict.trainer.log_dir) / "predictions.csv", newline="") as handle:
+        rows = [[int(value) for value in row] for row in csv.reader(handle)]
+    assert rows == [[index, int(label)] for index, label in enumerate(expected)]
     assert test.trainer.callback_metrics["test_acc"].item() == pytest.approx((expected == labels).float().mean().item())
 
 

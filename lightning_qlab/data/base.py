@@ -16,7 +16,14 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Subset
 from typing_extensions import override
 
-__all__ = ["DataMismatchError", "DataNotFoundError", "ImageClassificationDataModule", "check_class_folders"]
+__all__ = [
+    "DataMismatchError",
+    "DataNotFoundError",
+    "ImageClassificationDataModule",
+    "check_class_folders",
+    "check_int",
+    "make_loader",
+]
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -67,10 +74,10 @@ class ImageClassificationDataModule(LightningDataModule):
         name = type(self).__name__
         if not isinstance(data_dir, (str, os.PathLike)) or not str(data_dir):
             raise ValueError(f"{name}: data_dir must be a folder path, got {data_dir!r}")
-        _check_int(name, "batch_size", batch_size, minimum=1)
-        _check_int(name, "num_workers", num_workers, minimum=0)
-        _check_int(name, "val_size", val_size, minimum=0)
-        _check_int(name, "split_seed", split_seed, minimum=0)
+        check_int(name, "batch_size", batch_size, minimum=1)
+        check_int(name, "num_workers", num_workers, minimum=0)
+        check_int(name, "val_size", val_size, minimum=0)
+        check_int(name, "split_seed", split_seed, minimum=0)
         if self.train_size is not None:
             self.check_val_size(val_size, self.train_size)
         self.data_dir = Path(data_dir).expanduser()
@@ -106,19 +113,7 @@ class ImageClassificationDataModule(LightningDataModule):
         return Subset(augmented, order[self.val_size :]), Subset(plain, order[: self.val_size])
 
     def _loader(self, dataset: Optional[Dataset], shuffle: bool, stage: str) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError(
-                f"{type(self).__name__}: the {stage} data is not set up; call "
-                f"setup({stage!r}) first (the Trainer does this before it asks for a dataloader)."
-            )
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-        )
+        return make_loader(self, dataset, self.batch_size, shuffle, self.num_workers, stage)
 
     @override
     def train_dataloader(self) -> DataLoader:
@@ -138,6 +133,24 @@ class ImageClassificationDataModule(LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """The test images, in order (labels included; predictions come back per batch)."""
         return self._loader(self.test_set, shuffle=False, stage="predict")
+
+
+def make_loader(owner: object, dataset: Optional[Dataset], batch_size: int, shuffle: bool, num_workers: int,
+                stage: str) -> DataLoader:
+    """The DataLoader of one split of ``owner`` (a DataModule), or an error saying to set it up."""
+    if dataset is None:
+        raise RuntimeError(
+            f"{type(owner).__name__}: the {stage} data is not set up; call "
+            f"setup({stage!r}) first (the Trainer does this before it asks for a dataloader)."
+        )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+    )
 
 
 def check_class_folders(
@@ -168,7 +181,7 @@ def check_class_folders(
     return classes
 
 
-def _check_int(owner: str, name: str, value: object, minimum: int) -> None:
+def check_int(owner: str, name: str, value: object, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         bound = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise ValueError(f"{owner}: {name} must be {bound}, got {value!r}")

@@ -1,11 +1,25 @@
-"""LightningModules and networks for the QLABGrad paper's model/data pairs.
+"""LightningModules and networks for the standard model/data pairs.
 
-:class:`ImageClassifier` is built on :class:`~lightning_qlab.mixin.QLABMixin`; the backbones are
-plain ``nn.Module`` s: :class:`MultiLayerPerceptron` (MNIST), :class:`SmallCNN` (CIFAR-10),
-:class:`ResNet18CIFAR` (CIFAR-10) and :class:`ResNet50` (ImageNet).
+Every model is a :class:`QLABModel` (QLABGrad by default, any torch optimizer as a baseline):
+:class:`ImageClassifier` around an image backbone (:class:`MultiLayerPerceptron` for MNIST,
+:class:`SmallCNN` and :class:`ResNet18CIFAR` for CIFAR-10, :class:`ResNet50` for ImageNet), and
+:class:`LanguageModel` around :class:`CausalTransformer` for text. The backbones are plain
+``nn.Module`` s.
 """
 
 from lightning_qlab.models.backbones import MultiLayerPerceptron, ResNet18CIFAR, ResNet50, SmallCNN
+from lightning_qlab.models.base import QLABModel
 from lightning_qlab.models.classifier import ImageClassifier
+from lightning_qlab.models.language_model import LanguageModel
+from lightning_qlab.models.transformer import CausalTransformer
 
-__all__ = ["ImageClassifier", "MultiLayerPerceptron", "ResNet18CIFAR", "ResNet50", "SmallCNN"]
+__all__ = [
+    "CausalTransformer",
+    "ImageClassifier",
+    "LanguageModel",
+    "MultiLayerPerceptron",
+    "QLABModel",
+    "ResNet18CIFAR",
+    "ResNet50",
+    "SmallCNN",
+]
