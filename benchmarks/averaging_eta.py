@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import platform
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,15 +30,14 @@ from torch.optim.swa_utils import AveragedModel
 from typing_extensions import override
 
 import compare
+from contenders import adam, qlab, sgd
 from lightning_qlab.averaging import polynomial_decay_multi_avg_fn
 
 OPTIMIZERS = {
-    "qlab": compare.Contender("QLAB default", "QLAB", ("--model.init_args.qlab_config",
-                                                       json.dumps({"weight_averaging": False}))),
-    "adam": compare.torch_contender("Adam lr=1e-3", "Adam", "torch.optim.Adam", lr=1e-3),
-    # The best momentum-SGD grid point of the CIFAR-10 panel.
-    "momentum": compare.torch_contender("SGD momentum 0.9 lr=0.03", "Momentum grid", "torch.optim.SGD",
-                                        lr=0.03, momentum=0.9),
+    # The default QLAB with the mixin's own average off: this script keeps the averages.
+    "qlab": replace(qlab(weight_averaging=False), name="QLAB default"),
+    "adam": adam(1e-3),
+    "momentum": sgd(0.03, momentum=0.9),  # the best momentum-SGD grid point of the CIFAR-10 panel
 }
 
 

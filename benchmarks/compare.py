@@ -4,9 +4,15 @@ Every run goes through what users run: the package's CLI (``QLABLightningCLI``) 
 ``configs/``, with the optimizer switched by the same one-line override a user would write. All
 runs of a panel share the model, data, seed, batch size and epoch budget.
 
-    python benchmarks/compare.py mnist-mlp   --shared-data ../shared/data
-    python benchmarks/compare.py cifar10-cnn --shared-data ../shared/data
-    python benchmarks/compare.py sweep       --shared-data ../shared/data
+    python benchmarks/compare.py mnist-mlp        --shared-data ../shared/data
+    python benchmarks/compare.py cifar10-cnn      --shared-data ../shared/data
+    python benchmarks/compare.py text-transformer --shared-data ../shared/data
+    python benchmarks/compare.py sweep            --shared-data ../shared/data
+
+Every run is tested three ways: as its users run it (the default QLAB evaluates the average of its
+iterates, every other optimizer its last iterate, Schedule-Free its own averaged point), at its
+last iterate, and at the same polynomial-decay average of its iterates that the default QLAB
+uses, so that what averaging buys is credited to no optimizer alone.
 
 Each panel writes ``results.md`` (tables), ``results.json`` (every curve) and PNG plots to
 ``benchmarks/results/<panel>/`` (``--out`` to change), stamped with the date, the machine and the
@@ -32,8 +38,13 @@ from typing import Any, Optional
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor
+from torch.optim.swa_utils import AveragedModel
 from typing_extensions import override
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from contenders import Contender, adam, adamw, floor, installed, peers, qlab, sgd
+from lightning_qlab.averaging import polynomial_decay_multi_avg_fn
 from lightning_qlab.cli import QLABLightningCLI
 from lightning_qlab.optimizer import QLAB
 
@@ -41,70 +52,49 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------- contenders
-@dataclass(frozen=True)
-class Contender:
-    """One optimizer setting: how it is selected in the config, and the family it belongs to."""
-
-    name: str
-    family: str  # "QLAB", "SGD grid", "Momentum grid", "Adam", "LR-free", "floor"
-    overrides: tuple[str, ...]  # CLI arguments that select it
-    requires: Optional[str] = None  # the module a peer needs
-    extra_forward: bool = False  # the floor: an SGD step plus one no-grad forward
-
-
-def qlab_contender(direction: str, mode: str, initial_step: Optional[float] = None) -> Contender:
-    settings: dict[str, Any] = {"direction": direction, "mode": mode}
-    if mode == "paper":  # the rule as published evaluates its last iterate
-        settings["weight_averaging"] = False
-    if initial_step is not None:
-        settings["initial_step"] = initial_step
-    suffix = "" if initial_step is None else f" beta0={initial_step:g}"
-    return Contender(f"QLAB {direction} {mode}{suffix}", "QLAB",
-                     ("--model.init_args.qlab_config", json.dumps(settings)))
-
-
-def torch_contender(name: str, family: str, class_path: str, requires: Optional[str] = None,
-                    **init_args: Any) -> Contender:
-    spec = {"class_path": class_path, "init_args": init_args}
-    return Contender(name, family, ("--model.init_args.optimizer", json.dumps(spec)), requires)
-
-
 def contenders(panel: str) -> list[Contender]:
     if panel == "sweep":  # the default direction, the published one, and the published rule
-        return [qlab_contender(direction, mode, beta0)
+        return [qlab(direction, mode, beta0)
                 for direction, mode in (("rmsprop", "safeguarded"), ("sgd", "safeguarded"), ("sgd", "paper"))
                 for beta0 in (1e-6, 1e-3, 0.1, 1.0, 10.0)]
-    runs = [qlab_contender(direction, mode) for direction in ("rmsprop", "sgd", "momentum", "adam")
-            for mode in ("safeguarded", "paper")]
-    runs += [torch_contender(f"SGD lr={lr:g}", "SGD grid", "torch.optim.SGD", lr=lr) for lr in (0.03, 0.1, 0.3)]
-    runs += [torch_contender(f"SGD momentum 0.9 lr={lr:g}", "Momentum grid", "torch.optim.SGD", lr=lr, momentum=0.9)
-             for lr in (0.01, 0.03, 0.1)]
-    runs += [torch_contender("Adam lr=1e-3", "Adam", "torch.optim.Adam", lr=1e-3)]
-    runs += [
-        torch_contender("D-Adaptation SGD", "LR-free", "dadaptation.DAdaptSGD", "dadaptation", lr=1.0),
-        torch_contender("Prodigy", "LR-free", "prodigyopt.Prodigy", "prodigyopt", lr=1.0),
-        torch_contender("Schedule-Free AdamW", "LR-free", "schedulefree.AdamWScheduleFree", "schedulefree", lr=0.0025),
-        torch_contender("DoG", "LR-free", "dog.DoG", "dog", lr=1.0),
-    ]
-    floor = torch_contender("floor: SGD + 1 no-grad forward", "floor", "torch.optim.SGD", lr=0.1)
-    runs.append(Contender(floor.name, floor.family, floor.overrides, extra_forward=True))
-    return runs
+    if PANELS[panel].metric == "loss":  # the transformer: no experimental directions, an AdamW grid
+        runs = [qlab("rmsprop"), qlab("sgd"), qlab("sgd", "paper")]
+    else:
+        runs = [qlab(direction, mode) for direction in ("rmsprop", "sgd", "momentum", "adam")
+                for mode in ("safeguarded", "paper")]
+    runs += [sgd(lr) for lr in (0.03, 0.1, 0.3)]
+    runs += [sgd(lr, momentum=0.9) for lr in (0.01, 0.03, 0.1)]
+    runs.append(adam(1e-3))
+    if PANELS[panel].metric == "loss":
+        runs += [adamw(lr) for lr in (1e-3, 3e-3, 1e-2)]
+    return runs + peers() + [floor()]
 
 
 @dataclass(frozen=True)
 class Panel:
     config: str
     epochs: int
-    target_accuracy: float  # validation accuracy (%) for the time-to-target column
+    metric: str  # "acc": accuracy %, higher is better; "loss": cross-entropy in nats, lower is better
+    target: float  # the validation metric for the time-to-target column
     data_args: tuple[str, ...] = ()
+    data_key: str = "data_dir"  # the datamodule argument that says where the data is
+
+    @property
+    def better(self) -> int:
+        """+1 when a higher metric is better, -1 when lower is."""
+        return 1 if self.metric == "acc" else -1
+
+    def reached(self, value: float) -> bool:
+        return value >= self.target if self.metric == "acc" else value <= self.target
 
 
 PANELS = {
-    "mnist-mlp": Panel("configs/mnist_mlp.yaml", 3, 97.0),
-    "cifar10-cnn": Panel("configs/cifar10_cnn.yaml", 5, 60.0, ("--data.init_args.layout", "image_folder")),
-    "sweep": Panel("configs/mnist_mlp.yaml", 3, 97.0),
+    "mnist-mlp": Panel("configs/mnist_mlp.yaml", 3, "acc", 97.0),
+    "cifar10-cnn": Panel("configs/cifar10_cnn.yaml", 5, "acc", 60.0, ("--data.init_args.layout", "image_folder")),
+    "text-transformer": Panel("configs/text_transformer.yaml", 2, "loss", 2.0, data_key="path"),
+    "sweep": Panel("configs/mnist_mlp.yaml", 3, "acc", 97.0),
     # The GPU panel (benchmarks/gpu.sh): ResNet-18 on CIFAR-10, a budget that fits 8 minutes on one H200.
-    "cifar10-resnet18": Panel("configs/cifar10_resnet18.yaml", 2, 50.0, ("--data.init_args.layout", "image_folder")),
+    "cifar10-resnet18": Panel("configs/cifar10_resnet18.yaml", 2, "acc", 50.0, ("--data.init_args.layout", "image_folder")),
 }
 
 
@@ -116,7 +106,8 @@ class RunRecorder(Callback):
     "time to target" compares optimizers, not evaluation.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, metric: str = "acc") -> None:
+        self.metric = metric
         self.steps: list[int] = []
         self.train_time: list[float] = []
         self.train_loss: list[float] = []
@@ -156,9 +147,10 @@ class RunRecorder(Callback):
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        accuracy = trainer.callback_metrics.get("val_acc")
-        if accuracy is not None:
-            self.val.append({"step": trainer.global_step, "time": self._clock, "acc": 100 * float(accuracy)})
+        value = trainer.callback_metrics.get(f"val_{self.metric}")
+        if value is not None:
+            value = 100 * float(value) if self.metric == "acc" else float(value)
+            self.val.append({"step": trainer.global_step, "time": self._clock, self.metric: value})
         self._last = time.perf_counter()  # validation time is not training time
 
 
@@ -200,11 +192,40 @@ class ExtraForward(Callback):
             pl_module.qlab_loss(batch)
 
 
+class IterateAverage(Callback):
+    """The polynomial-decay average of the iterates that the default QLAB evaluates, kept beside
+    any optimizer's run without touching it, and the last iterate when training ends."""
+
+    def __init__(self) -> None:
+        self.average: Optional[AveragedModel] = None
+        self.last: Optional[dict[str, Tensor]] = None
+        self._steps = 0
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.average = AveragedModel(pl_module, multi_avg_fn=polynomial_decay_multi_avg_fn(), use_buffers=True)
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step > self._steps:  # once per optimizer step, as the mixin's average
+            self._steps = trainer.global_step
+            self.average.update_parameters(pl_module)
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Runs before the mixin's own averaging callback swaps its average in (model callbacks
+        # come after the Trainer's), so this is the last iterate.
+        self.last = {name: value.clone() for name, value in pl_module.state_dict().items()}
+
+
 @dataclass
 class RunResult:
     contender: Contender
     status: str = "ok"
-    test_acc: float = math.nan
+    test: float = math.nan  # the panel's metric, as the contender's users run it
+    test_last: float = math.nan  # at the last iterate
+    test_average: float = math.nan  # at the polynomial-decay average of the iterates
     final_train_loss: float = math.nan
     time_to_target: float = math.nan
     seconds_per_step: float = math.nan
@@ -221,14 +242,14 @@ def build_cli(contender: Contender, panel: Panel, args: argparse.Namespace, data
     cli_args = [
         "--config", str(REPO / panel.config),
         "--seed_everything", str(args.seed),
-        "--data.init_args.data_dir", str(data_dir),
+        f"--data.init_args.{panel.data_key}", str(data_dir),
         "--data.init_args.num_workers", str(args.num_workers),
         "--trainer.max_epochs", str(args.epochs or panel.epochs),
         "--trainer.default_root_dir", str(workdir),
         "--trainer.enable_progress_bar", "false",
         "--trainer.val_check_interval", str(args.val_check_interval),
         *panel.data_args,
-        *contender.overrides,
+        *contender.cli_overrides(),
         *args.cli_args,
     ]
     if args.limit_train_batches is not None:
@@ -245,22 +266,29 @@ def build_cli(contender: Contender, panel: Panel, args: argparse.Namespace, data
 
 def run_one(contender: Contender, panel: Panel, args: argparse.Namespace, data_dir: Path, workdir: Path) -> RunResult:
     result = RunResult(contender)
-    if contender.requires and not _importable(contender.requires):
+    if not installed(contender):
         result.status = f"not installed (pip install {contender.requires})"
         return result
-    recorder = RunRecorder()
-    callbacks: list[Callback] = [recorder, ScheduleFreeModes()]
+    recorder = RunRecorder(panel.metric)
+    iterates = IterateAverage()
+    callbacks: list[Callback] = [recorder, iterates, ScheduleFreeModes()]
     if contender.extra_forward:
         # Before the recorder, whose on_train_batch_end stops the step's clock.
         callbacks.insert(0, ExtraForward())
     cli = build_cli(contender, panel, args, data_dir, workdir, callbacks)
     cli.trainer.fit(cli.model, cli.datamodule)
-    tested = cli.trainer.test(cli.model, cli.datamodule, verbose=False)
-    result.test_acc = 100 * float(tested[0]["test_acc"])
+    result.test = test_metric(cli, panel)
+    schedule_free = any(hasattr(o, "train") and hasattr(o, "eval") for o in cli.trainer.optimizers)
+    if not schedule_free:  # Schedule-Free evaluates a point of its own, neither of these
+        held = {name: value.clone() for name, value in cli.model.state_dict().items()}
+        for weights, field_name in ((iterates.last, "test_last"), (iterates.average.module.state_dict(), "test_average")):
+            cli.model.load_state_dict(weights)
+            setattr(result, field_name, test_metric(cli, panel))
+        cli.model.load_state_dict(held)
     tail = recorder.train_loss[-50:]
     result.final_train_loss = sum(tail) / len(tail) if tail else math.nan
     result.status = training_status(recorder.train_loss)
-    reached = [v["time"] for v in recorder.val if v["acc"] >= panel.target_accuracy]
+    reached = [v["time"] for v in recorder.val if panel.reached(v[panel.metric])]
     result.time_to_target = reached[0] if reached else math.nan
     # The first steps include warm-up (allocations, QLAB's first-step probes): leave out 10%.
     timed = recorder.step_seconds[len(recorder.step_seconds) // 10:]
@@ -269,6 +297,12 @@ def run_one(contender: Contender, panel: Panel, args: argparse.Namespace, data_d
     result.curves = {"step": recorder.steps, "time": recorder.train_time, "train_loss": recorder.train_loss,
                      "step_size": recorder.step_size, "val": recorder.val}
     return result
+
+
+def test_metric(cli: QLABLightningCLI, panel: Panel) -> float:
+    """The test metric of what the module holds now (accuracy in %, or loss in nats)."""
+    value = float(cli.trainer.test(cli.model, cli.datamodule, verbose=False)[0][f"test_{panel.metric}"])
+    return 100 * value if panel.metric == "acc" else value
 
 
 def training_status(train_loss: list[float]) -> str:
@@ -288,9 +322,12 @@ def load_results(out: Path, panel: str) -> list[RunResult]:
     results = []
     for row in json.loads((out / "results.json").read_text()):
         # A contender the panel no longer lists (an older results.json) is still reported.
-        contender = by_name.get(row["name"]) or Contender(row["name"], row["family"], ())
-        result = RunResult(contender, row["status"], row["test_acc"], row["final_train_loss"],
-                           row["time_to_target"], row["seconds_per_step"], row["train_seconds"], row["curves"])
+        contender = by_name.get(row["name"]) or Contender(row["name"], row["family"])
+        # Tables written before the last/averaged columns existed hold "test_acc" only.
+        result = RunResult(contender, row["status"], row.get("test", row.get("test_acc", math.nan)),
+                           row.get("test_last", math.nan), row.get("test_average", math.nan),
+                           row["final_train_loss"], row["time_to_target"], row["seconds_per_step"],
+                           row["train_seconds"], row["curves"])
         if row["curves"]:
             result.status = training_status(row["curves"]["train_loss"])
         results.append(result)
@@ -315,21 +352,18 @@ def merge_results(folders: list[Path], panel: str) -> list[RunResult]:
     return sorted(found.values(), key=lambda r: order.get(r.contender.name, len(order)))
 
 
-def _importable(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
-
-
 # --------------------------------------------------------------------------- data
 def prepare_data(panel: str, args: argparse.Namespace) -> Path:
-    """The data folder for the panel: --data-dir as given, or laid out from --shared-data."""
+    """The data folder (or text file) for the panel: --data-dir as given, or laid out from
+    --shared-data."""
     if args.data_dir:
         return Path(args.data_dir)
     if not args.shared_data:
         sys.exit("compare.py: give --data-dir (the data set's folder) or --shared-data (the offline copy)")
     shared = Path(args.shared_data)
     cache = Path(args.cache_dir)
+    if PANELS[panel].data_key == "path":
+        return shared / "text" / "fortunes.txt.gz"  # read in place
     if "mnist" in PANELS[panel].config:
         target = cache / "mnist"
         if not (target / "MNIST" / "raw").is_dir():
@@ -353,51 +387,60 @@ def _ratio(value: float, reference: float) -> str:
 
 def report(panel: str, results: list[RunResult], args: argparse.Namespace, out: Path,
            command: Optional[str] = None) -> str:
-    qlab = next((r for r in results if r.contender.family == "QLAB" and r.status == "ok"), None)
-    floor = next((r for r in results if r.contender.family == "floor" and r.status == "ok"), None)
+    qlab_row = next((r for r in results if r.contender.family == "QLAB" and r.status == "ok"), None)
+    floor_row = next((r for r in results if r.contender.family == "floor" and r.status == "ok"), None)
     spec = PANELS[panel]
+    name = "acc %" if spec.metric == "acc" else "loss (nats)"
+    digits = 2 if spec.metric == "acc" else 4
+    reached = f">= {spec.target}%" if spec.metric == "acc" else f"<= {spec.target} nats"
     lines = [
         f"# {panel}: {args.epochs or spec.epochs} epochs, config {spec.config}, seed {args.seed}",
         "",
         f"- date: {dt.date.today().isoformat()}; machine: {platform.machine()}, {platform.processor() or 'cpu'}, "
         f"{torch.get_num_threads()} torch threads, torch {torch.__version__}",
         f"- command: `{command or 'python ' + ' '.join(sys.argv)}`",
-        f"- time to target: training time until validation accuracy >= {spec.target_accuracy}% "
-        "(validation time excluded); ratios are to the first QLAB row"
-        + ("; step-time ratios also to the floor (SGD step + one no-grad forward)" if floor else ""),
+        "- test: as the optimizer's users run it (QLAB with averaging: the average of its iterates; "
+        "Schedule-Free: its own averaged point; every other optimizer: its last iterate); last and "
+        "averaged: the same run at its last iterate and at the polynomial-decay average (eta = 8) "
+        "of its iterates",
+        f"- time to target: training time until the validation {spec.metric} first is {reached} "
+        "(validation time excluded); differences and ratios are to the first QLAB row"
+        + ("; step-time ratios also to the floor (SGD step + one no-grad forward)" if floor_row else ""),
         "",
-        "| optimizer | family | test acc % | final train loss | time to target s | s/step | "
-        "acc - QLAB | time-to-target / QLAB | s/step / QLAB | s/step / floor | status |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| optimizer | family | test {name} | last | averaged | final train loss | time to target s | s/step | "
+        f"test - QLAB | time-to-target / QLAB | s/step / QLAB | s/step / floor | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
-            f"| {r.contender.name} | {r.contender.family} | {_fmt(r.test_acc)} | {_fmt(r.final_train_loss, 4)} | "
+            f"| {r.contender.name} | {r.contender.family} | {_fmt(r.test, digits)} | {_fmt(r.test_last, digits)} | "
+            f"{_fmt(r.test_average, digits)} | {_fmt(r.final_train_loss, 4)} | "
             f"{_fmt(r.time_to_target, 1)} | {_fmt(r.seconds_per_step, 4)} | "
-            f"{_fmt(r.test_acc - qlab.test_acc) if qlab else '—'} | "
-            f"{_ratio(r.time_to_target, qlab.time_to_target) if qlab else '—'} | "
-            f"{_ratio(r.seconds_per_step, qlab.seconds_per_step) if qlab else '—'} | "
-            f"{_ratio(r.seconds_per_step, floor.seconds_per_step) if floor else '—'} | {r.status} |"
+            f"{_fmt(r.test - qlab_row.test, digits) if qlab_row else '—'} | "
+            f"{_ratio(r.time_to_target, qlab_row.time_to_target) if qlab_row else '—'} | "
+            f"{_ratio(r.seconds_per_step, qlab_row.seconds_per_step) if qlab_row else '—'} | "
+            f"{_ratio(r.seconds_per_step, floor_row.seconds_per_step) if floor_row else '—'} | {r.status} |"
         )
-    for family in ("SGD grid", "Momentum grid"):
-        members = [r for r in results if r.contender.family == family and math.isfinite(r.test_acc)]
+    for family in ("SGD grid", "Momentum grid", "AdamW grid"):
+        members = [r for r in results if r.contender.family == family and math.isfinite(r.test)]
         if members:
-            accs = [r.test_acc for r in members]
-            best = max(members, key=lambda r: r.test_acc)
-            lines.append(f"\n{family}: best {best.contender.name} at {best.test_acc:.2f}%, "
-                         f"spread {min(accs):.2f} ... {max(accs):.2f}")
+            values = [r.test for r in members]
+            best = max(members, key=lambda r: spec.better * r.test)
+            lines.append(f"\n{family}: best {best.contender.name} at {best.test:.{digits}f}, "
+                         f"spread {min(values):.{digits}f} ... {max(values):.{digits}f}")
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
     (out / "results.json").write_text(json.dumps(
-        [{"name": r.contender.name, "family": r.contender.family, "status": r.status, "test_acc": r.test_acc,
+        [{"name": r.contender.name, "family": r.contender.family, "status": r.status, "test": r.test,
+          "test_last": r.test_last, "test_average": r.test_average,
           "final_train_loss": r.final_train_loss, "time_to_target": r.time_to_target,
           "seconds_per_step": r.seconds_per_step, "train_seconds": r.train_seconds, "curves": r.curves}
          for r in results], indent=1))
-    plot(results, out)
+    plot(results, out, spec.metric)
     return text
 
 
-def plot(results: list[RunResult], out: Path) -> None:
+def plot(results: list[RunResult], out: Path, metric: str = "acc") -> None:
     try:
         import matplotlib
 
@@ -407,16 +450,17 @@ def plot(results: list[RunResult], out: Path) -> None:
         print("compare.py: matplotlib is not installed, no plots (pip install matplotlib)", file=sys.stderr)
         return
     ran = [r for r in results if r.curves]
+    label = "accuracy %" if metric == "acc" else "loss (nats)"
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
     for r in ran:
         c = r.curves
         style = "-" if r.contender.family == "QLAB" else "--"
         axes[0, 0].plot(c["step"], _smooth(c["train_loss"]), style, label=r.contender.name, lw=1)
         axes[0, 1].plot(c["time"], _smooth(c["train_loss"]), style, lw=1)
-        axes[1, 0].plot([v["step"] for v in c["val"]], [v["acc"] for v in c["val"]], style + "o", ms=3, lw=1)
-        axes[1, 1].plot([v["time"] for v in c["val"]], [v["acc"] for v in c["val"]], style + "o", ms=3, lw=1)
+        axes[1, 0].plot([v["step"] for v in c["val"]], [v[metric] for v in c["val"]], style + "o", ms=3, lw=1)
+        axes[1, 1].plot([v["time"] for v in c["val"]], [v[metric] for v in c["val"]], style + "o", ms=3, lw=1)
     for ax, (x, y) in zip(axes.flat, [("step", "training loss (smoothed)"), ("training time s", "training loss (smoothed)"),
-                                      ("step", "validation accuracy %"), ("training time s", "validation accuracy %")]):
+                                      ("step", f"validation {label}"), ("training time s", f"validation {label}")]):
         ax.set_xlabel(x)
         ax.set_ylabel(y)
         ax.grid(alpha=0.3)
@@ -459,8 +503,10 @@ def _smooth(values: list[float], window: int = 25) -> list[float]:
 # --------------------------------------------------------------------------- main
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     """The options that build_cli and prepare_data read: where the data is, the budget, the seed."""
-    parser.add_argument("--data-dir", help="the data set's folder (MNIST root or the CIFAR-10 ImageFolder root)")
-    parser.add_argument("--shared-data", help="the offline copy (MNIST/raw, cifar10-jpeg.zip) to lay out in --cache-dir")
+    parser.add_argument("--data-dir", help="the data set's folder (MNIST root or the CIFAR-10 ImageFolder root), "
+                                           "or the text file of the text panel")
+    parser.add_argument("--shared-data", help="the offline copy (MNIST/raw, cifar10-jpeg.zip, text/) to lay out "
+                                              "in --cache-dir")
     parser.add_argument("--cache-dir", default="/tmp/lightning-qlab-data")
     parser.add_argument("--epochs", type=int, help="override the panel's epoch budget")
     parser.add_argument("--limit-train-batches", type=int, help="smoke runs: batches per epoch (and val/test)")
@@ -511,7 +557,9 @@ def main(argv: Optional[list[str]] = None) -> list[RunResult]:
     for contender in selected:
         print(f"== {args.panel}: {contender.name}", flush=True)
         result = run_one(contender, PANELS[args.panel], args, data_dir, out / "raw" / contender.name.replace(" ", "_"))
-        print(f"   {result.status}: test acc {_fmt(result.test_acc)}%, {_fmt(result.seconds_per_step, 4)} s/step", flush=True)
+        print(f"   {result.status}: test {PANELS[args.panel].metric} {_fmt(result.test, 4)} (last "
+              f"{_fmt(result.test_last, 4)}, averaged {_fmt(result.test_average, 4)}), "
+              f"{_fmt(result.seconds_per_step, 4)} s/step", flush=True)
         results.append(result)
         report(args.panel, results, args, out)  # after every run, so a long panel leaves partial tables
     print((out / "results.md").read_text())

@@ -28,22 +28,22 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib
-import importlib.util
 import math
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
-from lightning_qlab.averaging import DEFAULT_ETA, polynomial_decay_multi_avg_fn
-from lightning_qlab.optimizer import QLAB
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from contenders import Contender, adam, peers, qlab, sgd  # noqa: E402
+from lightning_qlab.averaging import DEFAULT_ETA, polynomial_decay_multi_avg_fn  # noqa: E402
+from lightning_qlab.optimizer import QLAB  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = "QLAB rmsprop safeguarded"  # QLAB() with no arguments; its average is the default's figure
@@ -118,36 +118,16 @@ TASKS = {task.name: task for task in (TeacherRegression, AddingProblem)}
 
 
 # --------------------------------------------------------------------------- contenders
-def contenders() -> dict[str, Callable[[list[nn.Parameter]], Optional[torch.optim.Optimizer]]]:
-    """Name -> factory; a factory returns None when the peer's package is not installed."""
-
-    def peer(module: str, cls: str, **kwargs):
-        def make(params):
-            if importlib.util.find_spec(module) is None:
-                return None
-            return getattr(importlib.import_module(module), cls)(params, **kwargs)
-        return make
-
-    return {
-        "QLAB rmsprop safeguarded": lambda p: QLAB(p, direction="rmsprop"),
-        "QLAB sgd safeguarded": lambda p: QLAB(p, direction="sgd"),
-        "QLAB sgd paper": lambda p: QLAB(p, direction="sgd", mode="paper"),
-        "SGD lr=0.01": lambda p: torch.optim.SGD(p, lr=0.01),
-        "SGD lr=0.1": lambda p: torch.optim.SGD(p, lr=0.1),
-        "SGD momentum 0.9 lr=0.01": lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9),
-        "Adam lr=1e-3": lambda p: torch.optim.Adam(p, lr=1e-3),
-        "D-Adaptation SGD": peer("dadaptation", "DAdaptSGD", lr=1.0),
-        "Prodigy": peer("prodigyopt", "Prodigy", lr=1.0),
-        "Schedule-Free AdamW": peer("schedulefree", "AdamWScheduleFree", lr=0.0025),
-        "DoG": peer("dog", "DoG", lr=1.0),
-    }
+def contenders() -> list[Contender]:
+    return [qlab("rmsprop"), qlab("sgd"), qlab("sgd", "paper"), sgd(0.01), sgd(0.1), sgd(0.01, momentum=0.9),
+            adam(1e-3), *peers()]
 
 
 # --------------------------------------------------------------------------- training
-def train(task: Task, make_optimizer, seed: int) -> dict[str, float]:
+def train(task: Task, contender: Contender, seed: int) -> dict[str, float]:
     torch.manual_seed(seed)
     model = task.model()
-    optimizer = make_optimizer(list(model.parameters()))
+    optimizer = contender.build(model.parameters())
     if optimizer is None:
         return {"status": "not installed"}
     mse = nn.MSELoss()
@@ -212,7 +192,7 @@ def main(argv: Optional[list[str]] = None) -> str:
     chosen = contenders()
     if args.only:
         keys = [k.strip().lower() for k in args.only.split(",") if k.strip()]
-        chosen = {n: f for n, f in chosen.items() if any(k in n.lower() for k in keys)}
+        chosen = [c for c in chosen if any(k in c.name.lower() for k in keys)]
     lines = [
         "# Held-out tasks: the default QLAB beside the other optimizers",
         "",
@@ -232,9 +212,10 @@ def main(argv: Optional[list[str]] = None) -> str:
                   "| average / default QLAB | s/step | status |",
                   "|---|---|---|---|---|---|---|"]
         reference = None
-        for label, factory in chosen.items():
+        for contender in chosen:
+            label = contender.name
             print(f"== {name}: {label}", flush=True)
-            result = train(task, factory, args.seed)
+            result = train(task, contender, args.seed)
             last, averaged = result.get("test_mse", math.nan), result.get("average_mse", math.nan)
             if reference is None and label == DEFAULT:
                 reference = averaged

@@ -38,9 +38,9 @@ from torch import Tensor, nn
 
 from torch.optim.swa_utils import AveragedModel
 
+import contenders
 from lightning_qlab.averaging import polynomial_decay_multi_avg_fn
 from lightning_qlab.models import SmallCNN
-from lightning_qlab.optimizer import QLAB
 
 
 def mlp() -> nn.Module:
@@ -90,15 +90,9 @@ def make_steppers(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Callable[
 
         return step
 
-    def sgd(params):
-        return torch.optim.SGD(params, lr=0.01)
-
-    def adam(params):
-        return torch.optim.Adam(params, lr=1e-3)
-
     def qlab_stepper(direction: str, averaged: bool = False) -> Callable[[], None]:
         qlab_model = copy.deepcopy(model)
-        qlab = QLAB(qlab_model.parameters(), initial_step=0.01, direction=direction)
+        qlab = contenders.qlab(direction, initial_step=0.01).build(qlab_model.parameters())
         average = AveragedModel(qlab_model, multi_avg_fn=polynomial_decay_multi_avg_fn(), use_buffers=True)
 
         def qlab_step() -> None:
@@ -111,6 +105,7 @@ def make_steppers(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Callable[
 
         return qlab_step
 
+    sgd, adam = contenders.sgd(0.01).build, contenders.adam(1e-3).build
     steppers["sgd"] = torch_stepper(sgd, extra_forward=False)
     steppers["floor"] = torch_stepper(sgd, extra_forward=True)
     steppers["adam"] = torch_stepper(adam, extra_forward=False)
