@@ -432,6 +432,13 @@ class QLABMixin:
             return
         super().on_validation_model_zero_grad()
 
+    @property
+    def qlab_step_pending(self) -> bool:
+        """Whether micro-batches have been accumulated for an optimizer step not taken yet (inside
+        an accumulation window, where a checkpoint could not hold the partial gradient)."""
+        pending = self._qlab_pending
+        return pending is not None and bool(pending.losses)
+
     # ------------------------------------------------------------------ the two forwards
     def qlab_forward(self, batch: Any) -> Tensor:
         """The training forward of one micro-batch, as :meth:`training_step` runs it.
