@@ -5,6 +5,8 @@ outside, is tested in tests/test_resume_cli.py."""
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 from typing import Any, Optional
 
@@ -13,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from lightning_helpers import BatchNormNet, SigtermAtBatch, classification_data, quiet_trainer
+from lightning_helpers import BatchNormNet, SigtermAtBatch, classification_data, preemption_of, quiet_trainer
 from lightning_qlab.data.order import ResumableLoader
 from lightning_qlab.mixin import QLABConfig
 from lightning_qlab.preemption import Preemption
@@ -110,10 +112,9 @@ def test_before_training_starts_nothing_is_saved(tmp_path):
     class SigtermInSanityCheck(SigtermAtBatch):
         def on_validation_batch_end(self, trainer: Any, *args: Any, **kwargs: Any) -> None:
             if trainer.sanity_checking:
-                import os
-                import signal
-
-                os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler: installed when fit starts
+                # Lightning's handler, installed when fit starts (never the default: it would end pytest).
+                assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)
+                os.kill(os.getpid(), signal.SIGTERM)
 
     with pytest.raises(SystemExit) as stopped:
         fit(tmp_path, callbacks=[SigtermInSanityCheck(-1)], num_sanity_val_steps=2)
@@ -136,3 +137,29 @@ def test_a_checkpoint_link_is_replaced_not_written_through(tmp_path):
 def test_the_filename_is_a_name():
     with pytest.raises(ValueError, match="file name without a folder"):
         Preemption(filename="a/b")
+
+
+def test_slurms_requeue_signal_saves_requeues_and_exits(tmp_path, monkeypatch):
+    """Under SLURM (its variables set; a stand-in `scontrol` on the PATH) the requeue signal USR1
+    saves like SIGTERM, then requeues the job."""
+    for name, value in {"SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+                        "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "qlab-test"}.items():
+        monkeypatch.setenv(name, value)
+    bin_folder, calls = tmp_path / "bin", tmp_path / "scontrol-calls"
+    bin_folder.mkdir()
+    (bin_folder / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    (bin_folder / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_folder}{os.pathsep}{os.environ['PATH']}")
+
+    class RequeueSignalAtBatch(SigtermAtBatch):
+        def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+            if self.batches_seen == self.batch:
+                assert signal.getsignal(signal.SIGUSR1) == preemption_of(trainer)._on_signal
+                os.kill(os.getpid(), signal.SIGUSR1)
+            self.batches_seen += 1
+
+    with pytest.raises(SystemExit) as stopped:
+        fit(tmp_path / "run", callbacks=[RequeueSignalAtBatch(3)])
+    assert stopped.value.code == 128 + signal.SIGUSR1
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    assert calls.read_text().split() == ["requeue", "4242"]
