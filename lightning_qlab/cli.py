@@ -194,7 +194,7 @@ class QLABLightningCLI(LightningCLI):
     @override
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         # jsonargparse reports a YAML syntax error without the file it was in; find it first.
-        words = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
+        words = list(sys.argv[1:] if args is None else args) if args is None or isinstance(args, (list, tuple)) else []
         for path in _config_files(words):
             _check_yaml(path, parser.prog, _subcommand(words))
         super().parse_arguments(parser, args)
