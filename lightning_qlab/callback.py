@@ -66,7 +66,8 @@ class QLABMonitor(Callback):
         MisconfigurationException: on an argument outside its range.
 
     Logged metrics (one value per optimizer step, on the steps where Lightning logs):
-        ``qlab/step_size`` (also in ``param_group["lr"]``, so ``LearningRateMonitor`` agrees),
+        ``qlab/step_size`` (also in ``param_group["lr"]``; ``LearningRateMonitor`` reads that before
+        each batch, so its value at step ``t`` is the step size of step ``t - 1``),
         ``qlab/trial_distance``, ``qlab/curvature``, ``qlab/loss``, ``qlab/trial_loss``,
         ``qlab/probes`` and ``qlab/events/<name>``, the running count of each event. Values that
         are not finite (the curvature of a skipped step) are left out; the event counts say why.

@@ -277,7 +277,7 @@ def _csv_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def test_learning_rate_monitor_logs_the_step_actually_taken(tmp_path):
+def test_learning_rate_monitor_shows_the_step_taken_one_step_late(tmp_path):
     logger = CSVLogger(tmp_path, name="run")
     monitor = QLABMonitor(plot=False)
     trainer = quiet_trainer(
