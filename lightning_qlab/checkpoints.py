@@ -121,7 +121,8 @@ def _check_weights(path: Path, saved: dict[str, Any], model: LightningModule) ->
         if unexpected:
             problems = problems + [f"not in the model: {_few(unexpected)}"]
     if problems:
-        shown = "; ".join(problems[:_SHOWN]) + (f"; and {len(problems) - _SHOWN} more" if len(problems) > _SHOWN else "")
+        more = len(problems) - _SHOWN
+        shown = "; ".join(problems[:_SHOWN]) + (f"; and {more} more" if more > 0 else "")
         raise CheckpointError(
             f"{path} holds another model than {type(model).__name__} as configured ({shown}). Run with the "
             "configuration the checkpoint was trained with: the config.yaml in its run folder."
@@ -141,7 +142,8 @@ def _check_training_state(path: Path, checkpoint: dict[str, Any], model: Lightni
         trained_with_qlab = isinstance(states[0], dict) and "qlab" in states[0]
         training_with_qlab = not model.automatic_optimization
         if trained_with_qlab != training_with_qlab:
-            was, now = ("QLABGrad", "a baseline optimizer") if trained_with_qlab else ("a baseline optimizer", "QLABGrad")
+            qlab, baseline = "QLABGrad", "a baseline optimizer"
+            was, now = (qlab, baseline) if trained_with_qlab else (baseline, qlab)
             raise CheckpointError(
                 f"{path} was trained with {was}, but this run trains with {now}; resuming needs the same "
                 "optimizer. Run with the configuration the checkpoint was trained with (its run folder's config.yaml)."

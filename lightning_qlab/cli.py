@@ -194,7 +194,7 @@ class QLABLightningCLI(LightningCLI):
     @override
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         # jsonargparse reports a YAML syntax error without the file it was in; find it first.
-        words = list(sys.argv[1:] if args is None else args) if args is None or isinstance(args, (list, tuple)) else []
+        words = sys.argv[1:] if args is None else list(args) if isinstance(args, (list, tuple)) else []
         for path in _config_files(words):
             _check_yaml(path, parser.prog, _subcommand(words))
         super().parse_arguments(parser, args)
@@ -250,8 +250,8 @@ class QLABLightningCLI(LightningCLI):
                     f"--ckpt_path last: no last.ckpt in {' or '.join(checkpoint_folders(self.trainer))}: no "
                     "run under this root has saved one. Start without --ckpt_path, or give a checkpoint file."
                 )
-            rank_zero_info(f"--ckpt_path last: {'resuming' if resuming else 'using'} {found}, the newest last.ckpt under "
-                           f"{self.trainer.default_root_dir}")
+            rank_zero_info(f"--ckpt_path last: {'resuming' if resuming else 'using'} {found}, the newest "
+                           f"last.ckpt under {self.trainer.default_root_dir}")
             config["ckpt_path"] = path = str(found)
         elif path == "best":
             raise CheckpointError(

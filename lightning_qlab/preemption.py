@@ -146,7 +146,8 @@ class Preemption(Callback):
         name = signal.Signals(signum).name
         if not self._stopping:
             # Stopped before training began (a sanity check, say): nothing new to save.
-            rank_zero_info(f"Preemption: {name} before training started; nothing to save (exit status {exception.code}).")
+            rank_zero_info(f"Preemption: {name} before training started; nothing to save "
+                           f"(exit status {exception.code}).")
             return
         self.path = self._checkpoint_path(trainer)
         if trainer.is_global_zero and self.path.is_symlink():

@@ -48,14 +48,27 @@ def fit_args(mnist_root: Path, root: Path, *extra: str) -> list[str]:
     ]
 
 
-def start(args: list[str], log: Path) -> subprocess.Popen:
+@pytest.fixture
+def processes():
+    """The processes a test started; any still running at its end (a failed test) are killed."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def start(processes: list[subprocess.Popen], args: list[str], log: Path) -> subprocess.Popen:
     """`lightning fit ...` as its own process (``python -m lightning_qlab.cli``), output to ``log``;
     tests/ on its path for the PauseAtStep callback, one thread so that every run computes alike."""
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
     with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, "-m", "lightning_qlab.cli", *args], stdout=out,
-                                stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        process = subprocess.Popen([sys.executable, "-m", "lightning_qlab.cli", *args], stdout=out,
+                                   stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    processes.append(process)
+    return process
 
 
 def finish(process: subprocess.Popen, log: Path, timeout: float = 400) -> str:
@@ -82,7 +95,7 @@ def assert_same_training_state(one: dict[str, Any], other: dict[str, Any]) -> No
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(theirs["state"][index][name])), (index, name)
 
 
-def test_killed_with_sigterm_at_random_steps_and_resumed_a_fit_ends_as_if_never_killed(mnist_root, tmp_path):
+def test_killed_with_sigterm_at_random_steps_and_resumed_a_fit_ends_as_if_never_killed(mnist_root, tmp_path, processes):
     """Three SIGTERMs from outside, mid-epoch, at an epoch end and mid-epoch again, each followed by
     `lightning fit ... --ckpt_path last`; the end state equals an uninterrupted run's, bit for bit.
 
@@ -102,15 +115,16 @@ def test_killed_with_sigterm_at_random_steps_and_resumed_a_fit_ends_as_if_never_
     kills = [first, epoch_end, last]
 
     straight_root, root = tmp_path / "straight", tmp_path / "preempted"
-    straight = start(fit_args(mnist_root, straight_root), tmp_path / "straight.log")
+    straight = start(processes, fit_args(mnist_root, straight_root), tmp_path / "straight.log")
     for number, step in enumerate(kills):
         flag, log = tmp_path / f"at-{step}", tmp_path / f"killed-{number}.log"
         pause = ["--trainer.callbacks+", "lightning_helpers.PauseAtStep",
                  "--trainer.callbacks.step", str(step), "--trainer.callbacks.signal_file", str(flag)]
-        process = start(fit_args(mnist_root, root, *pause, *(["--ckpt_path", "last"] if number else [])), log)
+        resume = ["--ckpt_path", "last"] if number else []
+        process = start(processes, fit_args(mnist_root, root, *pause, *resume), log)
         deadline = time.monotonic() + 400
         while not flag.exists():
-            assert process.poll() is None, f"kills {kills}: the run ended before step {step}:\n{log.read_text()[-3000:]}"
+            assert process.poll() is None, f"kills {kills}: ended before step {step}:\n{log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, f"kills {kills}: step {step} not reached"
             time.sleep(0.05)
         process.send_signal(signal.SIGTERM)
@@ -122,7 +136,7 @@ def test_killed_with_sigterm_at_random_steps_and_resumed_a_fit_ends_as_if_never_
         assert training_state(checkpoint)["global_step"] == step, f"kills {kills}"
 
     resumed_log = tmp_path / "resumed.log"
-    resumed = start(fit_args(mnist_root, root, "--ckpt_path", "last"), resumed_log)
+    resumed = start(processes, fit_args(mnist_root, root, "--ckpt_path", "last"), resumed_log)
     output = finish(resumed, resumed_log)
     assert resumed.returncode == 0, output[-3000:]
     assert "--ckpt_path last: resuming" in output
@@ -159,7 +173,8 @@ def test_last_is_the_newest_last_checkpoint_of_the_root(tmp_path):
 
 
 def test_test_and_predict_use_the_last_checkpoint_and_predictions_go_to_the_run_folder(mnist_root, tmp_path):
-    fit = QLABLightningCLI(fit_args(mnist_root, tmp_path, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3"))
+    fit = QLABLightningCLI(fit_args(mnist_root, tmp_path, "--trainer.max_epochs", "1",
+                                    "--trainer.limit_train_batches", "3"))
     last = Path(fit.trainer.checkpoint_callback.dirpath) / "last.ckpt"
     assert last.is_file() and training_state(last)["global_step"] == 3  # save_last is on by default
     common = fit_args(mnist_root, tmp_path, "--ckpt_path", "last")[1:]
@@ -264,7 +279,8 @@ def test_a_yaml_syntax_error_names_file_line_and_column(capsys, tmp_path):
     broken = tmp_path / "broken.yaml"
     broken.write_text("trainer:\n  max_epochs: 3\n   limit_train_batches: 2\n")  # one space too many
     one_error_line(capsys, ["fit", "--config", str(CONFIGS / "mnist_mlp.yaml"), "--config", str(broken)], 2,
-                   "lightning fit: error: invalid configuration:", f"{broken}, line 3, column 23: mapping values are not allowed here")
+                   "lightning fit: error: invalid configuration:",
+                   f"{broken}, line 3, column 23: mapping values are not allowed here")
 
 
 def test_a_truncated_mnist_archive_is_reported_as_damaged(capsys, mnist_root, tmp_path):
