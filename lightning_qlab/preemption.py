@@ -145,8 +145,8 @@ class Preemption(Callback):
         exception.code = 128 + signum  # the status a process ended by that signal reports
         name = signal.Signals(signum).name
         if not self._stopping:
-            # Stopped before training began (a sanity check, say): nothing new to save.
-            rank_zero_info(f"Preemption: {name} before training started; nothing to save "
+            # Stopped outside training (a sanity check, or test/predict): nothing new to save.
+            rank_zero_info(f"Preemption: {name} received while not training; nothing to save "
                            f"(exit status {exception.code}).")
             return
         self.path = self._checkpoint_path(trainer)
