@@ -3,7 +3,8 @@
 `Classifier` below is an ordinary LightningModule (BatchNorm, dropout, Adam with a learning rate).
 `QLABClassifier` is the whole conversion: list `QLABMixin` first and say what the loss of a batch
 is. The mixin supplies training_step and configure_optimizers; everything else (forward,
-validation_step, metrics) is inherited unchanged.
+validation_step, metrics) is inherited unchanged. At the first step it warns that Classifier's own
+training_step and configure_optimizers (with their logging, Adam and its learning rate) are not used.
 
 Run on CPU in well under a minute (generated data; or real MNIST with --mnist-root)::
 

@@ -3,7 +3,10 @@
 #
 # Lightning's SLURM support does the wiring: srun starts one task per GPU, and Lightning reads
 # the rank, world size and master address from SLURM's variables (SLURMEnvironment). On the
-# signal below Lightning saves a checkpoint and requeues the job; the requeued job resumes from it.
+# signal below (USR1, two minutes before the time limit) every rank finishes the step in
+# progress, last.ckpt is saved, the job is requeued (scontrol requeue) and exits with status 138;
+# the requeued job (SLURM_RESTART_COUNT > 0) continues from that step with --ckpt_path last.
+# A plain SIGTERM (scancel, preemption by another job) saves last.ckpt the same way (status 143).
 #
 #   sbatch examples/slurm_ddp.sh /path/to/imagenet [more lightning fit arguments]
 #
@@ -26,6 +29,13 @@ DATA_DIR=${1:?usage: sbatch examples/slurm_ddp.sh /path/to/imagenet}
 # Activate the environment that has lightning-qlab installed, e.g.:
 # source "$HOME/venvs/qlab/bin/activate"
 
+# The first run starts from scratch; a requeued one continues from the newest last.ckpt under
+# the same default_root_dir.
+RESUME=()
+if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then
+    RESUME=(--ckpt_path last)
+fi
+
 srun lightning fit \
     --config configs/imagenet_resnet50.yaml \
     --config configs/trainer/slurm.yaml \
@@ -34,4 +44,5 @@ srun lightning fit \
     --trainer.default_root_dir "runs/$SLURM_JOB_NAME" \
     --data.init_args.data_dir "$DATA_DIR" \
     --data.init_args.num_workers "$SLURM_CPUS_PER_TASK" \
+    ${RESUME[@]+"${RESUME[@]}"} \
     "${@:2}"

@@ -1,6 +1,9 @@
 #!/bin/bash
 # Multi-node QLABGrad training launched with torchrun (no cluster scheduler needed).
 # Lightning recognises torchrun's environment variables and joins the process group it sets up.
+# On SIGTERM (passed on to every worker by torchrun) each rank finishes the step in progress,
+# last.ckpt is saved and the workers exit with status 143; continue with the same command and
+# --ckpt_path last.
 #
 # Run the same command on every machine, with NODE_RANK=0 on the one at MASTER_ADDR:
 #   NODE_RANK=0 MASTER_ADDR=10.0.0.1 bash examples/torchrun_ddp.sh /path/to/imagenet

@@ -3,21 +3,28 @@
 The layout follows the dependency order: :mod:`~lightning_qlab.optimizer` (the rule, plain
 PyTorch) and :mod:`~lightning_qlab.averaging` (what is evaluated: the average of the iterates) <-
 :mod:`~lightning_qlab.mixin` (inside a LightningModule) <- :mod:`~lightning_qlab.callback`,
-:mod:`~lightning_qlab.models` <- :mod:`~lightning_qlab.cli`.
+:mod:`~lightning_qlab.models` <- :mod:`~lightning_qlab.cli`. Beside them, for runs that resume
+exactly: :mod:`~lightning_qlab.seeding` (each training batch's random draws),
+:mod:`~lightning_qlab.data.order` (the training order), :mod:`~lightning_qlab.preemption`
+(SIGTERM) and :mod:`~lightning_qlab.checkpoints` (finding and checking checkpoints).
 """
 
 from lightning_qlab.averaging import PolynomialAveraging, polynomial_decay_multi_avg_fn
 from lightning_qlab.callback import QLABMonitor
 from lightning_qlab.mixin import QLABConfig, QLABMixin
 from lightning_qlab.optimizer import QLAB, QLABStep, solve_step_size
+from lightning_qlab.preemption import Preemption
+from lightning_qlab.seeding import StepSeeding
 
 __all__ = [
     "PolynomialAveraging",
+    "Preemption",
     "QLAB",
     "QLABConfig",
     "QLABMixin",
     "QLABMonitor",
     "QLABStep",
+    "StepSeeding",
     "polynomial_decay_multi_avg_fn",
     "solve_step_size",
 ]

@@ -31,6 +31,18 @@ from lightning_qlab.optimizer import EVENTS, QLAB, QLABStep
 
 __all__ = ["QLABMonitor"]
 
+# What to do about each event, after the optimizer's own description of it (EVENTS).
+_ADVICE = {
+    "negative_curvature": " (very noisy mini-batches: try larger batches or accumulate_batches)",
+    "extrapolation_capped": " (the loss is nearly linear there; the step grows by the cap each step)",
+    "nonfinite_trial": " (check the data and the precision)",
+    "nonfinite_gradient": " (check the data and the precision)",
+    "nonfinite_loss": " (check the data and the precision)",
+    "zero_gradient": (" (the loss does not depend on the trainable parameters: a constant loss, "
+                      "detached tensors, frozen parameters, or backward() not called before step())"),
+    "not_descent": " (use direction='rmsprop' or 'sgd', which always descend)",
+}
+
 # The events a step can end with; warm-start probes are a count of forwards, not a step's outcome.
 STEP_EVENTS = tuple(name for name in EVENTS if name != "warm_start_probes")
 _NO_EVENT = 0  # event codes in the history: 0 = plain rule, i + 1 = STEP_EVENTS[i]
@@ -54,7 +66,8 @@ class QLABMonitor(Callback):
         MisconfigurationException: on an argument outside its range.
 
     Logged metrics (one value per optimizer step, on the steps where Lightning logs):
-        ``qlab/step_size`` (also in ``param_group["lr"]``, so ``LearningRateMonitor`` agrees),
+        ``qlab/step_size`` (also in ``param_group["lr"]``; ``LearningRateMonitor`` reads that before
+        each batch, so its value at step ``t`` is the step size of step ``t - 1``),
         ``qlab/trial_distance``, ``qlab/curvature``, ``qlab/loss``, ``qlab/trial_loss``,
         ``qlab/probes`` and ``qlab/events/<name>``, the running count of each event. Values that
         are not finite (the curvature of a skipped step) are left out; the event counts say why.
@@ -108,6 +121,8 @@ class QLABMonitor(Callback):
         self._safeguard_warned = False
         self._optimizer: Optional[QLAB] = None
         self._matplotlib_warned = False
+        self._mixin_trains = False
+        self._stall_warned = False
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -116,6 +131,8 @@ class QLABMonitor(Callback):
 
         qlab_optimizers = [opt for opt in trainer.optimizers if isinstance(opt, QLAB)]
         self._optimizer = qlab_optimizers[0] if qlab_optimizers else None
+        self._mixin_trains = isinstance(pl_module, QLABMixin)  # it warns about stalls itself
+        self._stall_warned = False
         if not isinstance(pl_module, QLABMixin):
             rank_zero_warn(
                 f"QLABMonitor: {type(pl_module).__name__} is not a QLABMixin module. QLAB needs a trial "
@@ -145,6 +162,8 @@ class QLABMonitor(Callback):
         if self.steps and self.steps[-1] == last.step:
             return  # no step this batch (accumulating micro-batches, or GradScaler skipped it)
         self._record(last)
+        if last.event == "zero_gradient" and not self._mixin_trains:
+            self._warn_stall_once(last)
         self._warn_if_safeguards_persist()
         # `should_update_logs` is how Lightning applies log_every_n_steps (LearningRateMonitor uses it too).
         if trainer.is_global_zero and trainer.loggers and trainer._logger_connector.should_update_logs:
@@ -195,6 +214,18 @@ class QLABMonitor(Callback):
         self.event_codes.append(_NO_EVENT if last.event is None else STEP_EVENTS.index(last.event) + 1)
         self._recent_events.append(last.event)
 
+    def _warn_stall_once(self, last: QLABStep) -> None:
+        # At once: every step is skipped while the gradient stays zero, and the loss does not move.
+        if self._stall_warned:
+            return
+        self._stall_warned = True
+        rank_zero_warn(
+            f"QLABMonitor: QLAB skipped step {last.step} because the gradient was zero or missing, and "
+            "skips every step while that lasts. Call loss.backward() (manual_backward) before "
+            "optimizer.step(loss, trial_loss_fn), and make the loss depend on the trainable parameters.",
+            category=RuntimeWarning,
+        )
+
     def _warn_if_safeguards_persist(self) -> None:
         recent = self._recent_events
         if self._safeguard_warned or len(recent) < self.safeguard_window:
@@ -205,15 +236,11 @@ class QLABMonitor(Callback):
             return
         self._safeguard_warned = True
         which = ", ".join(f"{name}: {count}" for name, count in fired.most_common())
+        # Every event that fired, with the optimizer's own account of it (EVENTS), and what to do.
+        meanings = " ".join(f"'{name}': {EVENTS[name]}{_ADVICE.get(name, '')}." for name, _ in fired.most_common())
         rank_zero_warn(
             f"QLABMonitor: QLAB's safeguards fired on {total} of the last {len(recent)} steps ({which}). "
-            "The parabola fitted along the step direction keeps being distrusted: "
-            "'extrapolation_capped' means the fitted minimiser lies far beyond the probed distance "
-            "(the loss is nearly linear there; the step grows by the cap each step), "
-            "'negative_curvature' that the loss is concave along the direction at that distance "
-            "(very noisy mini-batches: try larger batches or accumulate_batches), "
-            "'nonfinite_*' that the loss or gradient overflowed (check the data and the precision). "
-            "The step sizes are in the logs under qlab/step_size.",
+            f"{meanings} The step sizes are in the logs under qlab/step_size.",
             category=RuntimeWarning,
         )
 

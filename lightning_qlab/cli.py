@@ -10,9 +10,17 @@ The ``lightning`` command name is shared with the Lightning AI platform CLI (pac
 ``lightning-sdk``). ``fit``, ``validate``, ``test`` and ``predict`` are ours; any other subcommand
 (``login``, ``run``, ...) is handed to ``lightning_sdk``'s CLI when it is installed.
 
-Errors in the configuration (unknown class paths or keys, invalid values) and missing data end
-with one ``error:`` line and a non-zero exit status, not a stack trace; with the environment
-variable ``JSONARGPARSE_DEBUG=true`` they are raised with their full traceback instead.
+Errors in the configuration (unknown class paths or keys, invalid values, YAML syntax, with the
+file, line and column), missing or damaged data and unusable checkpoints end with one ``error:``
+line and a non-zero exit status, not a stack trace, and before any run folder is created; with
+the environment variable ``JSONARGPARSE_DEBUG=true`` they are raised with their full traceback
+instead.
+
+``fit`` resumes exactly: every training batch is seeded from its place in training
+(:class:`~lightning_qlab.seeding.StepSeeding`) and reads the data in an order that is a function of
+the seed and the epoch; ``--ckpt_path last`` continues from the newest ``last.ckpt`` of the runs
+under the same root; and SIGTERM (or SLURM's requeue signal) saves ``last.ckpt`` at the current
+step and exits with status 143 (:class:`~lightning_qlab.preemption.Preemption`).
 """
 
 from __future__ import annotations
@@ -25,24 +33,37 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn, Optional, Sequence
 
+import yaml
 from jsonargparse import DefaultHelpFormatter
-from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 # Imported so that their classes resolve by short name (``--model ImageClassifier``).
 import lightning_qlab.data as qlab_data
 import lightning_qlab.models as qlab_models
+from lightning_qlab.checkpoints import (
+    CheckpointError,
+    check_checkpoint,
+    checkpoint_folders,
+    find_last_checkpoint,
+    read_checkpoint,
+)
 from lightning_qlab.data import DataMismatchError, DataNotFoundError
 from lightning_qlab.predictions import PredictionWriter
+from lightning_qlab.preemption import Preemption
+from lightning_qlab.seeding import StepSeeding
 
 __all__ = ["QLABLightningCLI", "main", "lightning_main", "OUR_SUBCOMMANDS"]
 
 OUR_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 # Exit statuses: 2 for a configuration the parser or a class rejects (argparse's convention),
-# 1 for data that is missing or does not fit the configuration.
+# 1 for data or a checkpoint that is missing, damaged or does not fit the configuration. A fit
+# stopped by SIGTERM exits with 128 + 15 = 143 (see lightning_qlab.preemption).
 EXIT_BAD_CONFIG = 2
 EXIT_DATA = 1
 
@@ -170,11 +191,75 @@ class QLABLightningCLI(LightningCLI):
                 f"model.init_args.num_classes (and the backbone's num_classes) to {data_classes}."
             )
 
+    @override
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        # jsonargparse reports a YAML syntax error without the file it was in; find it first.
+        words = sys.argv[1:] if args is None else list(args) if isinstance(args, (list, tuple)) else []
+        for path in _config_files(words):
+            _check_yaml(path, parser.prog, _subcommand(words))
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            # LightningCLI reads the checkpoint's hyperparameters next: a bad file must fail here first.
+            path = self.config[subcommand].get("ckpt_path")
+            if path not in (None, "last", "best", "hpc"):
+                read_checkpoint(path, self.config[subcommand].get("weights_only"))
+
+    @override
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The Trainer, with what exact resume and preemption need unless the configuration has
+        it already: every training batch seeded from its place in training
+        (:class:`~lightning_qlab.seeding.StepSeeding`), ``last.ckpt`` written on SIGTERM
+        (:class:`~lightning_qlab.preemption.Preemption`), and by every ``ModelCheckpoint`` whose
+        ``save_last`` was left unset, so that ``--ckpt_path last`` has a file to find."""
+        trainer = super().instantiate_trainer(**kwargs)
+        for kind in (StepSeeding, Preemption):
+            if not any(isinstance(callback, kind) for callback in trainer.callbacks):
+                trainer.callbacks.append(kind())
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.save_last is None:
+                callback.save_last = True
+        return trainer
+
+    def before_fit(self) -> None:
+        self._resolve_checkpoint(resuming=True)
+
+    def before_validate(self) -> None:
+        self._resolve_checkpoint(resuming=False)
+
+    def before_test(self) -> None:
+        self._resolve_checkpoint(resuming=False)
+
     def before_predict(self) -> None:
         """``lightning predict`` writes what it predicts to the run folder (unless a writer of the
         user's own is on the Trainer)."""
+        self._resolve_checkpoint(resuming=False)
         if not any(isinstance(callback, BasePredictionWriter) for callback in self.trainer.callbacks):
             self.trainer.callbacks.append(PredictionWriter())
+
+    def _resolve_checkpoint(self, resuming: bool) -> None:
+        """``--ckpt_path last``: the newest last.ckpt of the runs under the same root (Lightning's
+        own looks in the new run's folder only). Any local checkpoint is checked against the model
+        here, before a run folder exists, so that a bad one is one line (:class:`CheckpointError`)."""
+        config = self.config_init[self.subcommand]
+        path = config.get("ckpt_path")
+        if path == "last":
+            found = find_last_checkpoint(self.trainer)
+            if found is None:
+                raise CheckpointError(
+                    f"--ckpt_path last: no last.ckpt in {' or '.join(checkpoint_folders(self.trainer))}: no "
+                    "run under this root has saved one. Start without --ckpt_path, or give a checkpoint file."
+                )
+            rank_zero_info(f"--ckpt_path last: {'resuming' if resuming else 'using'} {found}, the newest "
+                           f"last.ckpt under {self.trainer.default_root_dir}")
+            config["ckpt_path"] = path = str(found)
+        elif path == "best":
+            raise CheckpointError(
+                "--ckpt_path best names the best checkpoint of a fit run in the same process; from the command "
+                "line give the checkpoint file (or `last`)."
+            )
+        if path is not None:
+            check_checkpoint(path, self.model, resuming=resuming, weights_only=config.get("weights_only"))
 
     @override
     def instantiate_classes(self) -> None:
@@ -243,6 +328,39 @@ def _first_comment(path: Path) -> str:
     return ""
 
 
+def _config_files(words: list[str]) -> list[Path]:
+    """The existing files given to ``--config`` in a command line."""
+    files = []
+    for index, word in enumerate(words):
+        value = None
+        if word == "--config" and index + 1 < len(words):
+            value = words[index + 1]
+        elif word.startswith("--config="):
+            value = word.split("=", 1)[1]
+        if value is not None and Path(value).is_file():
+            files.append(Path(value))
+    return files
+
+
+def _subcommand(words: list[str]) -> str:
+    return next((word for word in words if word in OUR_SUBCOMMANDS), "")
+
+
+def _check_yaml(path: Path, prog: str, subcommand: str) -> None:
+    """Fail with ``file, line L, column C: problem`` when ``path`` is not valid YAML."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            yaml.safe_load(handle)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        what = " ".join(part for part in (error.problem, f"({error.context})" if error.context else "") if part)
+        _fail(f"{prog} {subcommand}".strip(), f"invalid configuration: {where}: {what}", EXIT_BAD_CONFIG)
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        _fail(f"{prog} {subcommand}".strip(), f"invalid configuration: {path}: {' '.join(str(error).split())}",
+              EXIT_BAD_CONFIG)
+
+
 def _debugging() -> bool:
     """jsonargparse's debug switch (``JSONARGPARSE_DEBUG=true``): errors with their traceback."""
     return os.environ.get("JSONARGPARSE_DEBUG", "").lower() == "true"
@@ -267,17 +385,18 @@ def main(args: Optional[Sequence[str]] = None, prog: str = "lightning-qlab") -> 
     if _debugging():
         QLABLightningCLI(args=args, parser_kwargs={"prog": prog})
         return
+    command = f"{prog} {_subcommand(list(sys.argv[1:] if args is None else args))}".strip()
     try:
         QLABLightningCLI(args=args, parser_kwargs={"prog": prog})
     except _ConfigError as error:
-        _fail(prog, f"invalid configuration: {error}", EXIT_BAD_CONFIG)
+        _fail(command, f"invalid configuration: {error}", EXIT_BAD_CONFIG)
     except MisconfigurationException as error:
         # Raised by Lightning (or the QLAB mixin) once the run starts, for settings that do not
         # work together, e.g. Trainer(accumulate_grad_batches=4) with QLABGrad's manual
         # optimization; the message says what to use instead.
-        _fail(prog, f"invalid configuration: {' '.join(str(error).split())}", EXIT_BAD_CONFIG)
-    except (DataNotFoundError, DataMismatchError) as error:
-        _fail(prog, " ".join(str(error).split()), EXIT_DATA)
+        _fail(command, f"invalid configuration: {' '.join(str(error).split())}", EXIT_BAD_CONFIG)
+    except (DataNotFoundError, DataMismatchError, CheckpointError) as error:
+        _fail(command, " ".join(str(error).split()), EXIT_DATA)
 
 
 def lightning_main(argv: Optional[Sequence[str]] = None) -> None:

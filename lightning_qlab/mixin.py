@@ -255,8 +255,16 @@ class QLABMixin:
         False
 
     ``qlab_loss`` is also called for the trial forward (under ``torch.no_grad``, on the same
-    batch), so it must compute the loss and nothing else: log in ``on_train_batch_end`` or in a
-    callback, not in ``qlab_loss``.
+    batch), so apart from the loss it may only log: ``self.log``/``self.log_dict`` calls made
+    during the trial forward are dropped, so what it logs comes from the training forward. Update
+    stateful metrics (torchmetrics) in ``on_train_batch_end`` instead: the trial forward would
+    update them a second time.
+
+    What the mixin sets aside, and says so at the first training step: the ``training_step`` and
+    ``configure_optimizers`` of the class it is mixed into (their logging and their optimizer), a
+    learning-rate scheduler returned by ``configure_optimizers`` (QLAB chooses its own step sizes,
+    and manual optimization would not step it), and a step whose gradient is zero or missing
+    (QLAB skips it: a loss that does not depend on the trainable parameters stalls training).
 
     Overriding hooks:
         * ``configure_optimizers`` may return your own ``QLAB`` instance (for parameter groups).
@@ -316,14 +324,17 @@ class QLABMixin:
         self._qlab_clip_scale: Optional[Tensor] = None
         self._qlab_clipped = False
         self._qlab_checked_setup = False
+        self._qlab_in_trial = False  # inside the trial forward: its log calls are dropped
+        self._qlab_stall_warned = False
 
     # ------------------------------------------------------------------ the user's method
     def qlab_loss(self, batch: Any) -> Tensor:
         """The scalar loss of one mini-batch. Override this; it is the only method you write.
 
         It is called for the training forward (with gradients) and again for the trial forward
-        (under ``torch.no_grad``, same batch), so it must have no side effects: no logging, no
-        metric updates, no state changes beyond what the layers themselves do.
+        (under ``torch.no_grad``, same batch), so it must have no side effects beyond logging
+        (``self.log`` calls of the trial forward are dropped): no metric updates, no state changes
+        beyond what the layers themselves do.
         """
         raise NotImplementedError(
             f"{type(self).__name__} uses QLABMixin but does not define qlab_loss(self, batch). "
@@ -415,6 +426,19 @@ class QLABMixin:
         return loss.detach()
 
     @override
+    def log(self, *args: Any, **kwargs: Any) -> None:
+        """``LightningModule.log``, except during the trial forward, whose values are dropped: the
+        step's metrics come from its training forward (so ``qlab_loss`` may log)."""
+        if not self._qlab_in_trial:
+            super().log(*args, **kwargs)  # type: ignore[misc]
+
+    @override
+    def log_dict(self, *args: Any, **kwargs: Any) -> None:
+        """``LightningModule.log_dict``, except during the trial forward (see :meth:`log`)."""
+        if not self._qlab_in_trial:
+            super().log_dict(*args, **kwargs)  # type: ignore[misc]
+
+    @override
     def on_before_optimizer_step(self, optimizer: Any) -> None:
         """Clips the gradient as ``qlab_config`` asks. Lightning calls this hook after mixed
         precision's GradScaler has unscaled the gradients, so the clip sees true values."""
@@ -431,6 +455,13 @@ class QLABMixin:
         if pending is not None and pending.losses:
             return
         super().on_validation_model_zero_grad()
+
+    @property
+    def qlab_step_pending(self) -> bool:
+        """Whether micro-batches have been accumulated for an optimizer step not taken yet (inside
+        an accumulation window, where a checkpoint could not hold the partial gradient)."""
+        pending = self._qlab_pending
+        return pending is not None and bool(pending.losses)
 
     # ------------------------------------------------------------------ the two forwards
     def qlab_forward(self, batch: Any) -> Tensor:
@@ -468,12 +499,14 @@ class QLABMixin:
             )
         rng_after_training = _RNGState(self.device)
         losses = []
+        self._qlab_in_trial = True
         try:
             with _running_stats_restored(self):
                 for batch, rng_state in zip(pending.batches, pending.rng_states, strict=True):
                     rng_state.restore()
                     losses.append(_widened(self._qlab_checked_loss(self.qlab_loss(batch), "trial")))
         finally:
+            self._qlab_in_trial = False
             rng_after_training.restore()
         return _mean(losses)
 
@@ -504,6 +537,22 @@ class QLABMixin:
                 group["lr"] = 0.0
         elif self._qlab_clip_scale is not None and qlab.last_step is not None:
             self._qlab_unscale_diagnostics(qlab)
+        if qlab.last_step is not None and qlab.last_step.event == "zero_gradient" and not self._qlab_stall_warned:
+            self._qlab_warn_stall(qlab)
+
+    def _qlab_warn_stall(self, qlab: QLAB) -> None:
+        # Said at once: every step is skipped while it lasts, and nothing else looks wrong.
+        self._qlab_stall_warned = True
+        trainable = [p for group in qlab.param_groups for p in group["params"] if p.requires_grad]
+        what = ("the gradient is exactly zero" if any(p.grad is not None for p in trainable)
+                else "no trainable parameter received a gradient")
+        rank_zero_warn(
+            f"QLABMixin: QLAB skipped step {qlab.steps} because {what}, and it skips every step while "
+            f"that lasts. {type(self).__name__}.qlab_loss returned a loss that does not depend on the "
+            "trainable parameters: a constant, or computed from detached tensors, under torch.no_grad, "
+            "or through frozen parameters only. Make the loss depend on the parameters being trained.",
+            category=RuntimeWarning,
+        )
 
     def _qlab_reduce_losses(self, losses: Tensor) -> Tensor:
         """[L(w), L(trial)] -> their mean over ranks (DDP), times the clip factor ``s`` if clipping."""
@@ -576,6 +625,7 @@ class QLABMixin:
         LightningModule.trainer.fset(self, trainer)  # type: ignore[attr-defined]
         self._qlab_pending = None  # a new Trainer (or none): nothing carries over from a previous fit
         self._qlab_checked_setup = False
+        self._qlab_stall_warned = False
         # Lightning validates Trainer(accumulate_grad_batches / gradient_clip_val) against manual
         # optimization before any module hook runs; attaching the trainer happens just before that,
         # so this is the one place to point at the mixin's own options instead.
@@ -600,6 +650,34 @@ class QLABMixin:
                 "g . d that QLAB computes would cover one shard only. Use strategy='ddp'."
             )
         self._qlab_checked_setup = True
+        self._qlab_name_what_is_set_aside()
+
+    def _qlab_name_what_is_set_aside(self) -> None:
+        """Warn about what the module defines but QLAB training does not use (see the class docstring)."""
+        replaced = [
+            f"{cls.__name__}.{name}"
+            for cls in type(self).__mro__[type(self).__mro__.index(QLABMixin) + 1 :]
+            if not cls.__module__.startswith(("lightning.", "pytorch_lightning.")) and cls is not object
+            for name in ("training_step", "configure_optimizers")
+            if name in vars(cls)
+        ]
+        if replaced:
+            rank_zero_warn(
+                f"QLABMixin: {type(self).__name__} trains with QLABGrad, so {' and '.join(replaced)} "
+                "are not used: the mixin's training_step calls qlab_loss and steps QLAB. What they "
+                "logged is not logged: log from qlab_loss (the trial forward's self.log calls are "
+                "dropped) or in on_train_batch_end; their optimizer and scheduler are not used.",
+                category=RuntimeWarning,
+            )
+        schedulers = [type(config.scheduler).__name__ for config in self.trainer.lr_scheduler_configs]
+        if schedulers:
+            rank_zero_warn(
+                f"QLABMixin: {type(self).__name__}.configure_optimizers returned the learning-rate "
+                f"scheduler(s) {', '.join(schedulers)}, which are not used: QLABGrad chooses each step "
+                "size itself (and writes it into param_group['lr'], where a scheduler would write). "
+                "Remove them; to train with a schedule, use a baseline optimizer.",
+                category=RuntimeWarning,
+            )
 
     def _qlab_optimizer(self) -> LightningOptimizer:
         optimizer = self.optimizers()

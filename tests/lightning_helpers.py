@@ -8,19 +8,23 @@ file once per extra rank, so it has to be a file of its own rather than a pytest
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import WeightAveraging
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from lightning_qlab.callback import QLABMonitor
 from lightning_qlab.mixin import QLABConfig, QLABMixin
+from lightning_qlab.preemption import Preemption
 
 
 def quiet_trainer(**kwargs: Any) -> Trainer:
@@ -103,6 +107,59 @@ class BatchNormNet(QLABMixin, LightningModule):
         if y.is_floating_point():
             return F.mse_loss(self(x), y)
         return F.cross_entropy(self(x), y)
+
+
+def preemption_of(trainer: Trainer) -> Preemption:
+    (preemption,) = [c for c in trainer.callbacks if isinstance(c, Preemption)]
+    return preemption
+
+
+def send_sigterm_to_myself(trainer: Trainer) -> None:
+    """SIGTERM to this process, only while Preemption's handler is installed (otherwise the
+    signal would end the test run itself)."""
+    preemption = preemption_of(trainer)
+    if signal.getsignal(signal.SIGTERM) != preemption._on_signal:
+        raise AssertionError("Preemption's SIGTERM handler is not installed: not sending SIGTERM")
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+class SigtermAtBatch(Callback):
+    """Sends SIGTERM to this process at the end of training batch ``batch`` (counted over the
+    whole fit, from 0), or inside the validation that follows it when ``in_validation``."""
+
+    def __init__(self, batch: int, in_validation: bool = False) -> None:
+        self.batch, self.in_validation = batch, in_validation
+        self.batches_seen = 0
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.batches_seen == self.batch and not self.in_validation:
+            send_sigterm_to_myself(trainer)
+        self.batches_seen += 1
+
+    def on_validation_batch_end(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
+        if self.in_validation and self.batches_seen == self.batch + 1 and not trainer.sanity_checking:
+            self.in_validation = False
+            send_sigterm_to_myself(trainer)
+
+
+class PauseAtStep(Callback):
+    """For a `lightning fit` process that a test preempts from outside: at the end of optimizer
+    step ``step`` it writes the step into ``signal_file`` and waits (up to ``timeout`` seconds)
+    until the process has received a signal, so that the test's SIGTERM arrives at a known step."""
+
+    def __init__(self, step: int, signal_file: str, timeout: float = 120.0) -> None:
+        self.step, self.signal_file, self.timeout = step, signal_file, timeout
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step != self.step:
+            return
+        preemption = preemption_of(trainer)
+        Path(self.signal_file).write_text(f"{self.step}\n")
+        deadline = time.monotonic() + self.timeout
+        while preemption.signal_received is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"PauseAtStep: no signal within {self.timeout} s at step {self.step}")
+            time.sleep(0.02)
 
 
 def parameter_vector(module: torch.nn.Module) -> torch.Tensor:

@@ -99,6 +99,48 @@ def test_stays_quiet_below_the_share():
         monitor._warn_if_safeguards_persist()
 
 
+def test_the_persistent_warning_explains_every_event_that_fired():
+    monitor = QLABMonitor(plot=False, safeguard_window=4, safeguard_share=0.5)
+    for event in ["zero_gradient", "zero_gradient", "not_descent", None]:
+        monitor._recent_events.append(event)
+    with pytest.warns(RuntimeWarning) as caught:
+        monitor._warn_if_safeguards_persist()
+    message = str(caught[0].message)
+    assert "(zero_gradient: 2, not_descent: 1)" in message
+    assert f"'zero_gradient': {EVENTS['zero_gradient']}" in message and "backward()" in message
+    assert f"'not_descent': {EVENTS['not_descent']}" in message
+
+
+class _NoBackward(LightningModule):
+    """A hand-written QLAB training step that forgets the backward pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        self.net = torch.nn.Linear(5, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.net(x), y)
+        self.optimizers().step(loss=loss, trial_loss_fn=lambda: torch.nn.functional.mse_loss(self.net(x), y))
+
+    def configure_optimizers(self):
+        from lightning_qlab.optimizer import QLAB
+
+        return QLAB(self.parameters())
+
+
+def test_a_step_without_gradient_is_reported_at_once(tmp_path):
+    monitor = QLABMonitor(plot=False)
+    trainer = quiet_trainer(max_steps=6, callbacks=[monitor], default_root_dir=tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(_NoBackward(), DataLoader(regression_data(48), batch_size=8))
+    stalls = [w for w in caught if "gradient was zero or missing" in str(w.message)]
+    assert len(stalls) == 1 and "skipped step 1 " in str(stalls[0].message)
+    assert trainer.optimizers[0].events["zero_gradient"] == 6
+
+
 class _PlainModule(LightningModule):
     """An ordinary module with its own optimizer: nothing for the monitor to watch."""
 

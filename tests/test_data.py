@@ -66,6 +66,31 @@ def test_mnist_missing_offline_says_what_to_put_where(tmp_path):
         assert archive in message
 
 
+def copy_mnist_archives(mnist_root: Path, root: Path) -> Path:
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for archive in (mnist_root / "MNIST" / "raw").glob("*.gz"):
+        (raw / archive.name).write_bytes(archive.read_bytes())
+    return raw
+
+
+def test_a_damaged_mnist_archive_is_named_not_reported_missing(mnist_root, tmp_path):
+    raw = copy_mnist_archives(mnist_root, tmp_path)
+    archive = raw / "t10k-images-idx3-ubyte.gz"
+    archive.write_bytes(archive.read_bytes()[:5000])  # a copy that did not finish
+    with pytest.raises(DataMismatchError, match=r"t10k-images-idx3-ubyte.gz in .* damaged \(their MD5"):
+        MNISTDataModule(data_dir=tmp_path, num_workers=0).prepare_data()
+
+
+def test_a_damaged_unpacked_mnist_file_says_to_unpack_again(mnist_root, tmp_path):
+    raw = copy_mnist_archives(mnist_root, tmp_path)
+    MNISTDataModule(data_dir=tmp_path, num_workers=0).prepare_data()  # unpacks
+    unpacked = raw / "train-labels-idx1-ubyte"
+    unpacked.write_bytes(unpacked.read_bytes()[:100])
+    with pytest.raises(DataMismatchError, match="cannot be read .* Delete .*train-labels-idx1-ubyte"):
+        MNISTDataModule(data_dir=tmp_path, num_workers=0).prepare_data()
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -126,6 +151,9 @@ def test_cifar10_torchvision_layout_missing_offline(tmp_path):
         dm.prepare_data()
     with pytest.raises(ValueError, match="layout must be"):
         CIFAR10DataModule(layout="folders")
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"\x1f\x8b" + bytes(1000))  # cut short
+    with pytest.raises(DataMismatchError, match="cifar-10-python.tar.gz is damaged"):
+        CIFAR10DataModule(data_dir=tmp_path, layout="torchvision", num_workers=0).prepare_data()
     with pytest.raises(ValueError, match="val_size=50000"):
         CIFAR10DataModule(val_size=50_000)
 

@@ -277,7 +277,7 @@ def _csv_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def test_learning_rate_monitor_logs_the_step_actually_taken(tmp_path):
+def test_learning_rate_monitor_shows_the_step_taken_one_step_late(tmp_path):
     logger = CSVLogger(tmp_path, name="run")
     monitor = QLABMonitor(plot=False)
     trainer = quiet_trainer(
@@ -447,3 +447,95 @@ def test_config_builds_the_optimizer_and_accepts_yaml_lists():
     assert isinstance(optimizer, QLAB) and optimizer.direction == "adam"
     assert optimizer.param_groups[0]["betas"] == (0.8, 0.99)
     assert optimizer.param_groups[0]["weight_decay"] == 0.01
+
+
+# ------------------------------------------------------------------ what the mixin says at once
+def _fit_warnings(model: LightningModule, steps: int = 4) -> tuple[list[str], object]:
+    trainer = quiet_trainer(max_steps=steps)
+    with pytest.warns(RuntimeWarning) as caught:
+        trainer.fit(model, DataLoader(regression_data(8 * steps), batch_size=8))
+    return [str(w.message) for w in caught if "QLABMixin" in str(w.message)], trainer
+
+
+class _ConstantLoss(RegressionNet):
+    def qlab_loss(self, batch):
+        x, _ = batch
+        return 0.0 * self(x).sum() + 1.0  # depends on the parameters only through a zero factor
+
+
+class _LossOfAnotherNetwork(RegressionNet):
+    """The loss comes from a network the optimizer does not train."""
+
+    def __init__(self):
+        super().__init__()
+        self.other = torch.nn.Linear(5, 1)
+
+    def qlab_loss(self, batch):
+        x, y = batch
+        return F.mse_loss(self.other(x), y)
+
+    def configure_optimizers(self):
+        return QLAB(self.net.parameters())
+
+
+@pytest.mark.parametrize("model_class, why", [
+    (_ConstantLoss, "the gradient is exactly zero"),
+    (_LossOfAnotherNetwork, "no trainable parameter received a gradient"),
+])
+def test_a_stalled_step_is_reported_at_the_first_step(model_class, why):
+    messages, trainer = _fit_warnings(model_class())
+    stalls = [m for m in messages if "skipped step" in m]
+    assert len(stalls) == 1  # once, although every step stalled
+    assert f"QLAB skipped step 1 because {why}" in stalls[0] and "does not depend on the trainable" in stalls[0]
+    assert trainer.optimizers[0].events["zero_gradient"] == 4
+
+
+class _OwnModule(LightningModule):
+    """An existing module with its own training step (and logging), optimizer and schedule."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Linear(5, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.mse_loss(self.net(x), y)
+        self.log("own_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.parameters())
+        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 1)}
+
+
+class _ConvertedModule(QLABMixin, _OwnModule):
+    def qlab_loss(self, batch):
+        x, y = batch
+        loss = F.mse_loss(self.net(x), y)
+        self.log("loss_in_qlab_loss", loss)  # allowed: the trial forward's call is dropped
+        return loss
+
+
+def test_what_the_mixin_sets_aside_is_named_and_logging_from_qlab_loss_works():
+    messages, trainer = _fit_warnings(_ConvertedModule(), steps=1)
+    (aside,) = [m for m in messages if "are not used" in m]
+    assert "_OwnModule.training_step and _OwnModule.configure_optimizers are not used" in aside
+    assert "log from qlab_loss" in aside
+    qlab = trainer.optimizers[0]
+    # The value logged is the training forward's loss, not the trial forward's.
+    logged = trainer.callback_metrics["loss_in_qlab_loss"].item()
+    assert logged == pytest.approx(qlab.last_step.loss, rel=1e-6) and logged != qlab.last_step.trial_loss
+    assert "own_loss" not in trainer.callback_metrics
+
+
+class _WithScheduler(RegressionNet):
+    def configure_optimizers(self):
+        optimizer = QLAB(self.parameters())
+        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.ExponentialLR(optimizer, 0.5)}
+
+
+def test_a_scheduler_next_to_qlab_is_named():
+    messages, _ = _fit_warnings(_WithScheduler())
+    (scheduler,) = [m for m in messages if "scheduler" in m]
+    assert "returned the learning-rate scheduler(s) ExponentialLR, which are not used" in scheduler
+    assert not [m for m in messages if "are not used: the mixin" in m]  # RegressionNet defines neither hook

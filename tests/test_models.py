@@ -118,8 +118,13 @@ def test_classifier_rejects_inconsistent_settings():
         small_classifier(top_k=(1, 11))
     with pytest.raises(TypeError, match="backbone must be a torch.nn.Module"):
         ImageClassifier(backbone="resnet18", num_classes=10)
+    # Refused when the model is built (a configuration error), not when fit calls configure_optimizers.
     with pytest.raises(ValueError, match="optimizer is QLAB"):
-        small_classifier(optimizer=functools.partial(QLAB, initial_step=0.1)).configure_optimizers()
+        small_classifier(optimizer=functools.partial(QLAB, initial_step=0.1))
+    with pytest.raises(ValueError, match="optimizer is QLAB"):  # how jsonargparse builds a class_path
+        small_classifier(optimizer=functools.partial(lambda factory, cls, **kw: factory(cls, **kw), None, QLAB))
+    with pytest.raises(ValueError, match="optimizer is QLAB"):  # one it cannot see through: at fit
+        small_classifier(optimizer=lambda params: QLAB(params)).configure_optimizers()
     with pytest.raises(ValueError, match=r"returned shape \(2, 10\), expected \(batch, 7\)"):
         ImageClassifier(MultiLayerPerceptron(12, (8,), 10), num_classes=7)(torch.zeros(2, 12))
 

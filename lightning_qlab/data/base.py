@@ -16,6 +16,8 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Subset
 from typing_extensions import override
 
+from lightning_qlab.data.order import ResumableLoader
+
 __all__ = [
     "DataMismatchError",
     "DataNotFoundError",
@@ -137,20 +139,20 @@ class ImageClassificationDataModule(LightningDataModule):
 
 def make_loader(owner: object, dataset: Optional[Dataset], batch_size: int, shuffle: bool, num_workers: int,
                 stage: str) -> DataLoader:
-    """The DataLoader of one split of ``owner`` (a DataModule), or an error saying to set it up."""
+    """The DataLoader of one split of ``owner`` (a DataModule), or an error saying to set it up.
+
+    Shuffled (training) data comes in the order of :class:`~lightning_qlab.data.order.ResumableLoader`:
+    a function of the run's seed and the epoch, which Lightning checkpoints and resumes mid-epoch.
+    """
     if dataset is None:
         raise RuntimeError(
             f"{type(owner).__name__}: the {stage} data is not set up; call "
             f"setup({stage!r}) first (the Trainer does this before it asks for a dataloader)."
         )
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=num_workers > 0,
-    )
+    options = dict(num_workers=num_workers, pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
+    if shuffle:
+        return ResumableLoader(dataset, batch_size=batch_size, **options)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, **options)
 
 
 def check_class_folders(

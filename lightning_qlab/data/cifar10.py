@@ -13,10 +13,16 @@ from typing import Literal, Optional, Union
 import torch
 from torch.utils.data import Dataset
 from torchvision import datasets
+from torchvision.datasets.utils import check_integrity
 from torchvision.transforms import v2
 from typing_extensions import override
 
-from lightning_qlab.data.base import DataNotFoundError, ImageClassificationDataModule, check_class_folders
+from lightning_qlab.data.base import (
+    DataMismatchError,
+    DataNotFoundError,
+    ImageClassificationDataModule,
+    check_class_folders,
+)
 
 __all__ = ["CIFAR10DataModule", "CIFAR10_CLASSES"]
 
@@ -116,6 +122,14 @@ class CIFAR10DataModule(ImageClassificationDataModule):
         try:
             return datasets.CIFAR10(str(self.data_dir), train=train, transform=transform, download=download)
         except (RuntimeError, OSError) as error:  # torchvision's "not found" / download errors
+            archive = self.data_dir / datasets.CIFAR10.filename
+            if archive.is_file() and not check_integrity(str(archive), datasets.CIFAR10.tgz_md5):
+                # torchvision reports a damaged archive as a failed download.
+                raise DataMismatchError(
+                    f"CIFAR-10: the archive {archive} is damaged (its MD5 checksum does not match: a "
+                    "download or copy that did not finish?). Replace it with a complete copy, or delete "
+                    "it to download it again."
+                ) from error
             how = "could not be downloaded" if download else "download is off"
             raise DataNotFoundError(
                 f"CIFAR-10 was not found in {self.data_dir / 'cifar-10-batches-py'} and {how} "

@@ -7,10 +7,11 @@ from typing import Optional, Union
 
 import torch
 from torchvision import datasets
+from torchvision.datasets.utils import check_integrity
 from torchvision.transforms import v2
 from typing_extensions import override
 
-from lightning_qlab.data.base import DataNotFoundError, ImageClassificationDataModule
+from lightning_qlab.data.base import DataMismatchError, DataNotFoundError, ImageClassificationDataModule
 
 __all__ = ["MNISTDataModule"]
 
@@ -80,7 +81,10 @@ class MNISTDataModule(ImageClassificationDataModule):
         raw = self.data_dir / "MNIST" / "raw"
         try:
             return datasets.MNIST(str(self.data_dir), train=train, download=download, transform=self.transform)
-        except (RuntimeError, OSError) as error:  # torchvision's "not found" / "error downloading"
+        except (RuntimeError, OSError, ValueError) as error:  # torchvision's "not found" / download / read errors
+            damaged = _damaged_files(raw)
+            if damaged:
+                raise DataMismatchError(damaged) from error
             how = "could not be downloaded" if download else "download is off"
             raise DataNotFoundError(
                 f"MNIST was not found in {raw} and {how} ({error}). Put the four archives "
@@ -89,3 +93,27 @@ class MNISTDataModule(ImageClassificationDataModule):
                 "download: true, which checks and unpacks them there without going online; or "
                 "run once with internet access."
             ) from error
+
+
+def _damaged_files(raw: Path) -> Optional[str]:
+    """Why the MNIST files in ``raw`` cannot be read, when they are there but damaged; else None.
+
+    torchvision reports an archive whose checksum fails as a failed download, and a damaged
+    unpacked file as a failed read; both are files to replace, not data to fetch.
+    """
+    archives = [(raw / name, md5) for name, md5 in datasets.MNIST.resources]
+    bad = [path.name for path, md5 in archives if path.is_file() and not check_integrity(str(path), md5)]
+    if bad:
+        return (
+            f"MNIST: the archive(s) {', '.join(bad)} in {raw} are damaged (their MD5 checksum does not match: "
+            "a download or copy that did not finish?). Replace them with complete copies, or delete them "
+            "to download them again."
+        )
+    unpacked = [raw / name[: -len(".gz")] for name, _ in datasets.MNIST.resources]
+    if all(path.is_file() for path in unpacked):
+        return (
+            f"MNIST: the unpacked files in {raw} cannot be read (damaged or cut short). Delete "
+            f"{', '.join(path.name for path in unpacked)} (the files without .gz) so that they are "
+            "unpacked again from the archives."
+        )
+    return None

@@ -8,6 +8,7 @@ optimization steps that optimizer, so a side-by-side baseline differs by one lin
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any, Optional, Union
@@ -60,6 +61,12 @@ class QLABModel(QLABMixin, LightningModule):
                 "step sizes; a schedule only applies to a baseline optimizer (set optimizer too, or "
                 "remove lr_scheduler)."
             )
+        if optimizer is not None and _builds_qlab(optimizer):
+            raise ValueError(
+                f"{name}: optimizer is QLAB, which needs the mixin's manual optimization. Leave "
+                "optimizer unset (QLABGrad is the default) and configure it under qlab_config "
+                "(YAML: model.init_args.qlab_config)."
+            )
         if optimizer is not None and (
             qlab_config.accumulate_batches != 1
             or qlab_config.gradient_clip_norm is not None
@@ -99,3 +106,13 @@ class QLABModel(QLABMixin, LightningModule):
         if isinstance(scheduler, ReduceLROnPlateau):
             schedule["monitor"] = "val_loss"
         return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+
+def _builds_qlab(factory: Any) -> bool:
+    """Whether an optimizer factory makes a QLAB: the class itself, or a ``functools.partial`` of it
+    (as jsonargparse builds from ``class_path: lightning_qlab.QLAB``), so that it is refused at once."""
+    while isinstance(factory, functools.partial):
+        if any(isinstance(part, type) and issubclass(part, QLAB) for part in factory.args):
+            return True
+        factory = factory.func
+    return isinstance(factory, type) and issubclass(factory, QLAB)
