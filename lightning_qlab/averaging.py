@@ -111,23 +111,8 @@ class PolynomialAveraging(WeightAveraging):
 
     Why ``eta = 8``: ``eta`` sets how fast early iterates are forgotten; the centre of mass of
     the average sits at ``(eta + 1) / (eta + 2)`` of the run (0.9 for eta = 8). Too small keeps
-    early, worse iterates (``eta = 0``, the plain mean, scores below the last iterate after the
-    first epoch); too large leaves the noise in. ``benchmarks/averaging_eta.py`` tests every eta
-    on the same training run; test accuracy % after the panels' budgets (last iterate; eta = 0,
-    1, 3, 8, 20):
-
-    * MNIST MLP, 3 epochs, QLAB: 97.99; 97.96, 98.16, 98.31, **98.40**, 98.38.
-    * MNIST MLP, 3 epochs, Adam lr 1e-3: 97.75; 98.18, 98.37, 98.42, 98.40, 98.45.
-    * CIFAR-10 SmallCNN, 5 epochs, QLAB: 67.44; 70.54, 75.77, 78.03, **78.53**, 78.62.
-    * The same, Adam lr 1e-3 / momentum SGD lr 0.03 (eta = 3, 8, 20 only): 76.41; 78.40,
-      **79.49**, 79.50 / 75.26; 78.41, **79.22**, 79.54.
-
-    8 beats 3 after every epoch of both QLAB runs, and is within 0.1 points of the best eta
-    after each QLAB budget (0.32 for momentum SGD). 20 is no better within that margin on the
-    QLAB runs (+0.09 on CIFAR-10, -0.02 on MNIST),
-    and of two equal choices the smaller eta averages over more iterates, which is what keeps
-    the noise down once the loss flattens in longer runs. Every epoch's figures are in
-    ``benchmarks/results/averaging-eta/``.
+    early, worse iterates (``eta = 0``, the plain mean); too large leaves the noise in. The
+    measurements behind the choice are in the README ("Averaging: which eta").
 
     Args:
         eta: the decay exponent, ``>= 0``.
