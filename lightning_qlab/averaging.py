@@ -41,6 +41,9 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_qlab._checks import is_number, wide_dtype
+from lightning_qlab._compat import average_device, average_model, foreach_copy_, foreach_lerp_, swap_average
+
 __all__ = ["DEFAULT_ETA", "PolynomialAveraging", "polynomial_decay_multi_avg_fn"]
 
 #: The ``eta`` that :class:`~lightning_qlab.mixin.QLABMixin` uses: see :class:`PolynomialAveraging`.
@@ -63,14 +66,14 @@ def polynomial_decay_multi_avg_fn(eta: float = DEFAULT_ETA) -> Callable[[list[Te
         >>> average[0]  # c_2 = 4 / 5
         tensor([0.8000, 0.8000])
     """
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
+    if not is_number(eta) or not math.isfinite(eta) or eta < 0:
         raise ValueError(f"polynomial-decay averaging needs a finite eta >= 0, got {eta!r}.")
 
     @torch.no_grad()
     def update(averaged: list[Tensor], current: list[Tensor], num_averaged: Union[Tensor, int]) -> None:
         first = averaged[0]
         if not (first.is_floating_point() or first.is_complex()):
-            torch._foreach_copy_(averaged, current)
+            foreach_copy_(averaged, current)
             return
         if any(c.dtype != a.dtype for a, c in zip(averaged, current)):
             # A module trained in half precision ("bf16-true") keeps a float32 average: in bf16 the
@@ -79,12 +82,11 @@ def polynomial_decay_multi_avg_fn(eta: float = DEFAULT_ETA) -> Callable[[list[Te
         dtype = first.real.dtype if first.is_complex() else first.dtype
         if isinstance(num_averaged, Tensor):
             # The weight in float32 or wider, then in the parameters' dtype, as lerp wants it.
-            wide = torch.promote_types(dtype, torch.float32)
-            t = num_averaged.to(device=first.device, dtype=wide) + 1  # the index of the iterate being added
+            t = num_averaged.to(device=first.device, dtype=wide_dtype(dtype)) + 1  # the added iterate's index
             weight: Union[Tensor, float] = ((eta + 1) / (t + eta)).to(dtype)
         else:
             weight = (eta + 1) / (num_averaged + 1 + eta)
-        torch._foreach_lerp_(averaged, current, weight)
+        foreach_lerp_(averaged, current, weight)
 
     return update
 
@@ -111,23 +113,8 @@ class PolynomialAveraging(WeightAveraging):
 
     Why ``eta = 8``: ``eta`` sets how fast early iterates are forgotten; the centre of mass of
     the average sits at ``(eta + 1) / (eta + 2)`` of the run (0.9 for eta = 8). Too small keeps
-    early, worse iterates (``eta = 0``, the plain mean, scores below the last iterate after the
-    first epoch); too large leaves the noise in. ``benchmarks/averaging_eta.py`` tests every eta
-    on the same training run; test accuracy % after the panels' budgets (last iterate; eta = 0,
-    1, 3, 8, 20):
-
-    * MNIST MLP, 3 epochs, QLAB: 97.99; 97.96, 98.16, 98.31, **98.40**, 98.38.
-    * MNIST MLP, 3 epochs, Adam lr 1e-3: 97.75; 98.18, 98.37, 98.42, 98.40, 98.45.
-    * CIFAR-10 SmallCNN, 5 epochs, QLAB: 67.44; 70.54, 75.77, 78.03, **78.53**, 78.62.
-    * The same, Adam lr 1e-3 / momentum SGD lr 0.03 (eta = 3, 8, 20 only): 76.41; 78.40,
-      **79.49**, 79.50 / 75.26; 78.41, **79.22**, 79.54.
-
-    8 beats 3 after every epoch of both QLAB runs, and is within 0.1 points of the best eta
-    after each QLAB budget (0.32 for momentum SGD). 20 is no better within that margin on the
-    QLAB runs (+0.09 on CIFAR-10, -0.02 on MNIST),
-    and of two equal choices the smaller eta averages over more iterates, which is what keeps
-    the noise down once the loss flattens in longer runs. Every epoch's figures are in
-    ``benchmarks/results/averaging-eta/``.
+    early, worse iterates (``eta = 0``, the plain mean); too large leaves the noise in. The
+    measurements behind the choice are in the README ("Averaging: which eta").
 
     Args:
         eta: the decay exponent, ``>= 0``.
@@ -158,8 +145,8 @@ class PolynomialAveraging(WeightAveraging):
             # A further fit on the same Trainer: continue from the training weights, and keep
             # the average so far (Lightning's callback would restart it from the module, which
             # holds the average at this point).
-            assert self._average_model is not None
-            self._swap_models(pl_module)
+            assert average_model(self) is not None
+            swap_average(self, pl_module)
             self._fit_ended = False
             return
         super().setup(trainer, pl_module, stage)
@@ -168,8 +155,8 @@ class PolynomialAveraging(WeightAveraging):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # ``setup`` builds the average before the strategy moves the module to its device; keep
         # the average beside the parameters, or every update would copy them across devices.
-        average = self._average_model
-        if self._device is None and average is not None:
+        average = average_model(self)
+        if average_device(self) is None and average is not None:
             average.to(pl_module.device)
 
     # Lightning's callback swaps and restores whenever it holds an average, also in a
@@ -196,8 +183,8 @@ class PolynomialAveraging(WeightAveraging):
         # Lightning copies the average over the training weights here, so a checkpoint saved
         # after fit could not resume from where training stopped. Swapping keeps them: the
         # module holds the average, the averaged model the last iterate.
-        assert self._average_model is not None
-        self._swap_models(pl_module)
+        assert average_model(self) is not None
+        swap_average(self, pl_module)
         self._fit_ended = True
 
     @override
@@ -207,8 +194,9 @@ class PolynomialAveraging(WeightAveraging):
             return
         # After fit the roles are swapped (see on_train_end); write the layout Lightning's
         # callback reads back: the average as state_dict, the training weights beside it.
-        assert self._average_model is not None
-        held = self._average_model.state_dict()
+        average = average_model(self)
+        assert average is not None
+        held = average.state_dict()
         checkpoint["current_model_state"] = {name[7:]: value for name, value in held.items() if name.startswith("module.")}
         checkpoint["averaging_state"] = {name: value for name, value in held.items() if not name.startswith("module.")}
 

@@ -27,6 +27,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from lightning_qlab._checks import is_integer, is_number
+from lightning_qlab._compat import logging_step, should_update_logs
 from lightning_qlab.optimizer import EVENTS, QLAB, QLABStep
 
 __all__ = ["QLABMonitor"]
@@ -97,12 +99,11 @@ class QLABMonitor(Callback):
             raise MisconfigurationException(
                 f"QLABMonitor: plot_filename must be a file name ending in .png (no folder), got {plot_filename!r}."
             )
-        if isinstance(safeguard_window, bool) or not isinstance(safeguard_window, int) or safeguard_window < 1:
+        if not is_integer(safeguard_window) or safeguard_window < 1:
             raise MisconfigurationException(
                 f"QLABMonitor: safeguard_window must be an integer >= 1, got {safeguard_window!r}."
             )
-        if isinstance(safeguard_share, bool) or not isinstance(safeguard_share, (int, float)) \
-                or not 0 < safeguard_share <= 1:
+        if not is_number(safeguard_share) or not 0 < safeguard_share <= 1:
             raise MisconfigurationException(
                 f"QLABMonitor: safeguard_share must be in (0, 1], got {safeguard_share!r}."
             )
@@ -166,9 +167,9 @@ class QLABMonitor(Callback):
             self._warn_stall_once(last)
         self._warn_if_safeguards_persist()
         # `should_update_logs` is how Lightning applies log_every_n_steps (LearningRateMonitor uses it too).
-        if trainer.is_global_zero and trainer.loggers and trainer._logger_connector.should_update_logs:
+        if trainer.is_global_zero and trainer.loggers and should_update_logs(trainer):
             metrics = self._metrics(last, optimizer.events)
-            step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the x-axis of self.log values
+            step = logging_step(trainer)  # the x-axis of self.log values
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
 

@@ -8,10 +8,10 @@ switches the module to manual optimization and runs the whole step itself::
     optimizer step: QLAB moves to the trial point and calls the trial forward on the same
                     micro-batches, fits the parabola and takes the step
 
-The trial forward evaluates exactly the function whose gradient was taken: the module stays in
-train mode, dropout draws the same masks (the random number generator is replayed from its state
-before each training forward and put back afterwards), BatchNorm normalises with the statistics of
-the batch and its running statistics are restored afterwards, and no autograd graph is built.
+The trial forward evaluates exactly the function whose gradient was taken (the same dropout masks,
+BatchNorm running statistics restored, no autograd graph): :class:`~lightning_qlab.trial.TrialForward`,
+which plain-PyTorch loops use too. Clipping and accumulation live in :mod:`lightning_qlab.clipping`
+and :mod:`lightning_qlab.accumulation`; this module is the Lightning glue around them.
 
 Lightning's precision and strategy plumbing stays in charge: the step goes through
 ``self.optimizers().step(...)``, so mixed precision (autocast, GradScaler unscaling and inf/NaN
@@ -25,11 +25,11 @@ under manual optimization, so the mixin offers both itself: see :class:`QLABConf
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field, replace
-from typing import Any, Iterator, Optional, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+from weakref import WeakSet
 
-import torch
 from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.core.optimizer import LightningOptimizer
@@ -38,11 +38,15 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from torch.nn.modules.batchnorm import _NormBase
 from typing_extensions import override
 
+from lightning_qlab import _compat
+from lightning_qlab._checks import check_loss, is_integer, is_number
+from lightning_qlab.accumulation import PendingStep, step_window
 from lightning_qlab.averaging import PolynomialAveraging
+from lightning_qlab.clipping import CLIP_VALUE_NEEDS_SGD, clip_gradients, unscaled
 from lightning_qlab.optimizer import DIRECTIONS, MODES, QLAB
+from lightning_qlab.trial import TrialForward
 
 __all__ = ["QLABConfig", "QLABMixin"]
 
@@ -104,29 +108,28 @@ class QLABConfig:
             raise ValueError(f"QLABConfig: unknown direction {self.direction!r}; choose one of {DIRECTIONS}.")
         if self.mode not in MODES:
             raise ValueError(f"QLABConfig: unknown mode {self.mode!r}; choose one of {MODES}.")
-        if not _is_number(self.initial_step) or not math.isfinite(self.initial_step) or self.initial_step <= 0:
+        if not is_number(self.initial_step) or not math.isfinite(self.initial_step) or self.initial_step <= 0:
             raise ValueError(f"QLABConfig: initial_step must be a positive number, got {self.initial_step!r}.")
-        if not _is_number(self.weight_decay) or not self.weight_decay >= 0:
+        if not is_number(self.weight_decay) or not self.weight_decay >= 0:
             raise ValueError(f"QLABConfig: weight_decay must be >= 0, got {self.weight_decay!r}.")
-        if not _is_number(self.momentum) or not 0 <= self.momentum < 1:
+        if not is_number(self.momentum) or not 0 <= self.momentum < 1:
             raise ValueError(f"QLABConfig: momentum must be in [0, 1), got {self.momentum!r}.")
-        if len(self.betas) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in self.betas):
+        if len(self.betas) != 2 or not all(is_number(b) and 0 <= b < 1 for b in self.betas):
             raise ValueError(f"QLABConfig: betas must be two numbers in [0, 1), got {self.betas!r}.")
-        if not _is_number(self.eps) or not self.eps > 0:
+        if not is_number(self.eps) or not self.eps > 0:
             raise ValueError(f"QLABConfig: eps must be positive, got {self.eps!r}.")
-        if isinstance(self.accumulate_batches, bool) or not isinstance(self.accumulate_batches, int) \
-                or self.accumulate_batches < 1:
+        if not is_integer(self.accumulate_batches) or self.accumulate_batches < 1:
             raise ValueError(
                 f"QLABConfig: accumulate_batches must be an integer >= 1, got {self.accumulate_batches!r}."
             )
         for name in ("gradient_clip_norm", "gradient_clip_value"):
             value = getattr(self, name)
-            if value is not None and (not _is_number(value) or not math.isfinite(value) or value <= 0):
+            if value is not None and (not is_number(value) or not math.isfinite(value) or value <= 0):
                 raise ValueError(f"QLABConfig: {name} must be None (off) or a positive number, got {value!r}.")
         if not isinstance(self.weight_averaging, bool):
             raise ValueError(f"QLABConfig: weight_averaging must be True or False, got {self.weight_averaging!r}.")
         if self.gradient_clip_value is not None and self.direction != "sgd":
-            raise ValueError(_CLIP_VALUE_DIRECTION.format(direction=self.direction))
+            raise ValueError(CLIP_VALUE_NEEDS_SGD.format(direction=self.direction))
 
     def optimizer_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of :class:`~lightning_qlab.optimizer.QLAB` held by this config."""
@@ -141,93 +144,9 @@ class QLABConfig:
         )
 
 
-_CLIP_VALUE_DIRECTION = (
-    "QLABConfig: gradient_clip_value works with direction='sgd' only, got direction={direction!r}. "
-    "Clipping by value changes the direction element by element, and QLAB's slope along a "
-    "momentum or Adam direction would then need the unclipped gradient. Use gradient_clip_norm instead."
-)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-# ---------------------------------------------------------------------------------------------
-# The pieces of the trial forward: the random number generator and the BatchNorm statistics.
-# ---------------------------------------------------------------------------------------------
-class _RNGState:
-    """The global random number generator state of the CPU and of one accelerator device.
-
-    Dropout draws its masks from the generator of the device its input lives on, so the state
-    of the module's device (and of the CPU, for CPU modules and CPU-side randomness) is what a
-    replay needs.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.cpu = torch.get_rng_state()
-        self.accelerator: Optional[Tensor] = None
-        if device.type != "cpu":
-            self.accelerator = _device_module(device).get_rng_state(device)
-
-    def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
-        if self.accelerator is not None:
-            _device_module(self.device).set_rng_state(self.accelerator, self.device)
-
-
-def _device_module(device: torch.device) -> Any:
-    try:
-        module = torch.get_device_module(device.type)
-    except (RuntimeError, AttributeError):
-        module = None
-    if module is None or not hasattr(module, "get_rng_state") or not hasattr(module, "set_rng_state"):
-        raise RuntimeError(
-            f"QLABMixin cannot save and replay the random number generator of {device.type!r} devices, "
-            "so the trial forward could not reuse the training forward's dropout masks. Supported: "
-            "cpu, cuda, and devices whose torch module has get_rng_state/set_rng_state (mps, xpu)."
-        )
-    return module
-
-
-@contextmanager
-def _running_stats_restored(module: torch.nn.Module) -> Iterator[None]:
-    """Run the body, then put back every running statistic that normalisation layers updated.
-
-    Covers BatchNorm of any dimension, SyncBatchNorm and InstanceNorm with
-    ``track_running_stats=True`` (all subclasses of ``_NormBase``). In train mode these layers
-    normalise with the batch's own statistics, so the running ones never influence the loss
-    and restoring them afterwards is exact.
-    """
-    buffers = [
-        buffer
-        for layer in module.modules()
-        if isinstance(layer, _NormBase) and layer.training and layer.track_running_stats
-        for buffer in (layer.running_mean, layer.running_var, layer.num_batches_tracked)
-        if buffer is not None
-    ]
-    saved = [buffer.clone() for buffer in buffers]
-    try:
-        yield
-    finally:
-        for buffer, value in zip(buffers, saved, strict=True):
-            buffer.copy_(value)
-
-
-@dataclass
-class _PendingStep:
-    """The micro-batches of the optimizer step being assembled, with what their replay needs."""
-
-    size: int  # micro-batches this step will average (k, or fewer at the end of an epoch)
-    window_start: int = 0  # batch_idx of the window's first batch
-    batches: list[Any] = field(default_factory=list)
-    rng_states: list[_RNGState] = field(default_factory=list)
-    losses: list[Tensor] = field(default_factory=list)  # detached, float32 or wider
-
-
-def _mean(losses: list[Tensor]) -> Tensor:
-    # A single loss is returned as it is, so that k = 1 adds no rounding at all.
-    return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+# The PolynomialAveraging callbacks the mixin added itself (not the user's): kept here, so that
+# nothing is written onto the callbacks, and without keeping them alive.
+_ADDED_AVERAGING: WeakSet[Callback] = WeakSet()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,22 +205,11 @@ class QLABMixin:
     for resuming), and after ``fit`` the module holds it. ``QLABConfig(weight_averaging=False)``
     evaluates the last iterate, as QLABGrad is published.
 
-    Clipping and the fitted parabola: QLAB fits ``phi(a) = L(w - a d)`` with slope ``-(g . d)``
-    and reads ``g`` from ``.grad``. After clipping, ``.grad`` holds the clipped gradient while the
-    loss is still the real one, so the slope would be wrong (too shallow), the fitted curvature
-    too small and the step too long. The mixin therefore hands QLAB the losses multiplied by
-    ``s = (g_clipped . d) / (g . d)``: the step is fitted to ``s L``, whose slope along ``d`` is
-    exactly what QLAB computes, and whose minimiser along ``d`` is that of ``L``. For clipping by
-    norm ``s`` is the clip coefficient (any direction); for clipping by value ``d`` is the clipped
-    gradient itself, which is why value clipping needs ``direction="sgd"``. The diagnostics in
-    ``QLAB.last_step`` are divided by ``s`` again, so they describe ``L``.
-
-    Accumulation over k micro-batches: each micro-batch is one training batch; the optimizer
-    steps after every k-th batch of an epoch (windows start at the epoch's first batch). When
-    the number of batches in an epoch is not a multiple of k, the last step of the epoch uses
-    the remaining micro-batches (their mean loss and gradient). When the epoch's length is
-    unknown (an iterable dataset without ``__len__``) an incomplete last window cannot be seen
-    coming: it is dropped at the start of the next window, with a warning.
+    Clipping keeps the fitted parabola exact: the losses handed to QLAB are multiplied by the
+    factor ``s`` that clipping changed the slope by, and ``QLAB.last_step`` is divided by it again
+    (see :mod:`lightning_qlab.clipping`). Accumulation over k micro-batches: each micro-batch is
+    one training batch, and the windows of k start at the epoch's first batch; an epoch's last
+    window averages the micro-batches that remain (see :mod:`lightning_qlab.accumulation`).
     """
 
     qlab_config: QLABConfig = QLABConfig()
@@ -320,7 +228,7 @@ class QLABMixin:
         super().__init__(*args, **kwargs)
         # QLAB needs a second forward pass inside the step: only manual optimization has room for it.
         self.automatic_optimization = False
-        self._qlab_pending: Optional[_PendingStep] = None
+        self._qlab_pending: Optional[PendingStep] = None  # the optimizer step being assembled
         self._qlab_clip_scale: Optional[Tensor] = None
         self._qlab_clipped = False
         self._qlab_checked_setup = False
@@ -362,7 +270,7 @@ class QLABMixin:
         if self.automatic_optimization or not self._qlab_checked_config().weight_averaging:
             return callbacks
         present = [c for c in [*self.trainer.callbacks, *callbacks] if isinstance(c, WeightAveraging)]
-        yours = [c for c in present if not getattr(c, "_added_by_qlab_mixin", False)]
+        yours = [c for c in present if c not in _ADDED_AVERAGING]
         if yours:
             rank_zero_info(
                 f"QLABMixin: the Trainer already averages weights with {type(yours[0]).__name__}; "
@@ -371,7 +279,7 @@ class QLABMixin:
         if present:  # yours, or ours from an earlier fit/test with this Trainer (it holds the average)
             return callbacks
         averaging = PolynomialAveraging()
-        averaging._added_by_qlab_mixin = True  # type: ignore[attr-defined]
+        _ADDED_AVERAGING.add(averaging)
         return [*callbacks, averaging]
 
     @override
@@ -381,39 +289,21 @@ class QLABMixin:
         Returns the micro-batch's loss (detached) and logs it as ``train_loss``.
         """
         if self.automatic_optimization:
-            loss = self._qlab_checked_loss(self.qlab_loss(batch), "training")
+            loss = check_loss(self.qlab_loss(batch), f"{type(self).__name__}.qlab_loss", "training")
             self.log("train_loss", loss.detach(), prog_bar=True)
             return loss
         if not self._qlab_checked_setup:
             self._qlab_check_setup()
         optimizer = self._qlab_optimizer()
-        accumulate = self.qlab_config.accumulate_batches
-        window_start = batch_idx - batch_idx % accumulate
-        window_end = window_start + accumulate  # exclusive; windows start at the epoch's first batch
-        epoch_length = self.trainer.num_training_batches
-        if math.isfinite(epoch_length):
-            window_end = min(window_end, int(epoch_length))  # the epoch's last, shorter window
-
+        window = step_window(batch_idx, self.qlab_config.accumulate_batches, self.trainer.num_training_batches)
         pending = self._qlab_pending
-        if pending is None or pending.window_start != window_start or batch_idx == window_start:
-            if pending is not None and pending.losses:
-                rank_zero_warn(
-                    f"QLABMixin: dropped {len(pending.losses)} micro-batch(es) of an unfinished "
-                    f"accumulation window of {pending.size}: the epoch ended without telling its "
-                    "length in advance (no __len__), so the window could not be closed in time."
-                )
-            if batch_idx != window_start:
-                rank_zero_warn(
-                    f"QLABMixin: training resumed inside an accumulation window (batch {batch_idx} of "
-                    f"the window {window_start}..{window_end - 1}); this step averages the "
-                    f"{window_end - batch_idx} micro-batch(es) from here to the window's end."
-                )
+        if pending is None or not pending.continues_at(batch_idx, window):
             optimizer.zero_grad(set_to_none=True)
-            pending = _PendingStep(size=window_end - batch_idx, window_start=window_start)
+            pending = PendingStep.starting_at(batch_idx, window, TrialForward(self), replacing=pending)
             self._qlab_pending = pending
 
         size = pending.size
-        is_last = batch_idx == window_end - 1
+        is_last = batch_idx == window.stop - 1
         # Only the last micro-batch's backward all-reduces under DDP: the others accumulate locally.
         strategy = self.trainer.strategy
         local_only = not is_last and isinstance(strategy, ParallelStrategy)
@@ -445,14 +335,15 @@ class QLABMixin:
         if self.automatic_optimization:
             return  # Lightning's own clipping (Trainer(gradient_clip_val=...)) applies then
         self._qlab_clipped = True
-        self._qlab_clip_scale = self._qlab_clip_gradients(optimizer)
+        config = self.qlab_config
+        qlab = optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+        self._qlab_clip_scale = clip_gradients(qlab, config.gradient_clip_norm, config.gradient_clip_value)
 
     @override
     def on_validation_model_zero_grad(self) -> None:
         """Lightning frees the gradients before a validation run; inside an accumulation window
         (``val_check_interval`` can fall there) they are the window's partial sum and must stay."""
-        pending = self._qlab_pending
-        if pending is not None and pending.losses:
+        if self.qlab_step_pending:
             return
         super().on_validation_model_zero_grad()
 
@@ -460,55 +351,38 @@ class QLABMixin:
     def qlab_step_pending(self) -> bool:
         """Whether micro-batches have been accumulated for an optimizer step not taken yet (inside
         an accumulation window, where a checkpoint could not hold the partial gradient)."""
-        pending = self._qlab_pending
-        return pending is not None and bool(pending.losses)
+        return self._qlab_pending is not None and self._qlab_pending.started
 
     # ------------------------------------------------------------------ the two forwards
     def qlab_forward(self, batch: Any) -> Tensor:
         """The training forward of one micro-batch, as :meth:`training_step` runs it.
 
-        Records the batch and the random number generator state it started from, so that
-        :meth:`qlab_trial_loss` can evaluate the same function later. Returns the loss (with its
-        graph).
+        Records the batch and the random number generator state it started from (a
+        :class:`~lightning_qlab.trial.TrialForward`), so that :meth:`qlab_trial_loss` can evaluate
+        the same function later. Returns the loss (with its graph).
         """
         if self._qlab_pending is None:
-            self._qlab_pending = _PendingStep(size=1)
-        rng_state = _RNGState(self.device)
-        loss = self._qlab_checked_loss(self.qlab_loss(batch), "training")
-        pending = self._qlab_pending
-        pending.batches.append(batch)
-        pending.rng_states.append(rng_state)
-        pending.losses.append(_widened(loss.detach()))
-        return loss
+            self._qlab_pending = PendingStep(size=1, trial=TrialForward(self))
+        return self._qlab_pending.trial.record(self.qlab_loss, batch)
 
-    @torch.no_grad()
     def qlab_trial_loss(self) -> Tensor:
         """The mean loss of the recorded micro-batches at the parameters as they are now.
 
-        This is the trial forward QLAB calls at ``w - beta d``. Each micro-batch is evaluated
-        with the random number generator state its training forward started from (the same
-        dropout masks), in the current (train) mode, with normalisation running statistics
-        restored afterwards and the generator put back where training left it: the call leaves no
-        trace. At ``beta = 0`` it returns the training loss exactly.
+        This is the trial forward QLAB calls at ``w - beta d``: :meth:`TrialForward.replay
+        <lightning_qlab.trial.TrialForward.replay>` (the same dropout masks, in the current train
+        mode, normalisation running statistics restored, the generator put back: no trace), with
+        ``self.log`` calls dropped. At ``beta = 0`` it returns the training loss exactly.
         """
-        pending = self._qlab_pending
-        if pending is None or not pending.batches:
+        if self._qlab_pending is None or not self._qlab_pending.started:
             raise RuntimeError(
                 "QLABMixin.qlab_trial_loss: no micro-batch has been recorded; call "
                 "qlab_forward(batch) first (training_step does this)."
             )
-        rng_after_training = _RNGState(self.device)
-        losses = []
         self._qlab_in_trial = True
         try:
-            with _running_stats_restored(self):
-                for batch, rng_state in zip(pending.batches, pending.rng_states, strict=True):
-                    rng_state.restore()
-                    losses.append(_widened(self._qlab_checked_loss(self.qlab_loss(batch), "trial")))
+            return self._qlab_pending.trial.replay()
         finally:
             self._qlab_in_trial = False
-            rng_after_training.restore()
-        return _mean(losses)
 
     # ------------------------------------------------------------------ the step
     def _qlab_step(self, optimizer: LightningOptimizer) -> None:
@@ -518,9 +392,8 @@ class QLABMixin:
         self._qlab_clipped = False
         self._qlab_clip_scale = None
         steps_before = qlab.steps
-        optimizer.step(
-            loss=_mean(pending.losses), trial_loss_fn=self.qlab_trial_loss, reduce_losses=self._qlab_reduce_losses
-        )
+        optimizer.step(loss=pending.trial.recorded_loss(), trial_loss_fn=self.qlab_trial_loss,
+                       reduce_losses=self._qlab_reduce_losses)
         self._qlab_pending = None
         config = self.qlab_config
         clipping = config.gradient_clip_norm is not None or config.gradient_clip_value is not None
@@ -535,8 +408,8 @@ class QLABMixin:
             # was taken, and "lr" (read by LearningRateMonitor) says so.
             for group in qlab.param_groups:
                 group["lr"] = 0.0
-        elif self._qlab_clip_scale is not None and qlab.last_step is not None:
-            self._qlab_unscale_diagnostics(qlab)
+        elif self._qlab_clip_scale is not None:
+            qlab.last_step = unscaled(qlab.last_step, self._qlab_clip_scale)
         if qlab.last_step is not None and qlab.last_step.event == "zero_gradient" and not self._qlab_stall_warned:
             self._qlab_warn_stall(qlab)
 
@@ -556,73 +429,14 @@ class QLABMixin:
 
     def _qlab_reduce_losses(self, losses: Tensor) -> Tensor:
         """[L(w), L(trial)] -> their mean over ranks (DDP), times the clip factor ``s`` if clipping."""
-        if self._trainer is not None and self.trainer.world_size > 1:
+        if _compat.attached_trainer(self) is not None and self.trainer.world_size > 1:
             losses = self.trainer.strategy.reduce(losses, reduce_op="mean")
         if self._qlab_clip_scale is not None:
             losses = losses * self._qlab_clip_scale.to(losses)
         return losses
 
-    def _qlab_clip_gradients(self, optimizer: Any) -> Optional[Tensor]:
-        """Clip the gradient in place; return ``s = (g_clipped . d) / (g . d)`` (a device scalar),
-        or None when nothing was asked for or the gradient is not finite."""
-        config = self.qlab_config
-        if config.gradient_clip_norm is None and config.gradient_clip_value is None:
-            return None
-        qlab = optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
-        grads = [p.grad for group in qlab.param_groups for p in group["params"] if p.grad is not None]
-        if not grads:
-            return None
-        # A non-finite gradient is left untouched so that QLAB (or the GradScaler) skips the step;
-        # clipping by value would otherwise turn inf into a finite number and hide it.
-        total = torch.nn.utils.get_total_norm(grads, foreach=True)
-        if not math.isfinite(total.item()):
-            return None
-        scale: Optional[Tensor] = None
-        if config.gradient_clip_value is not None:
-            if getattr(qlab, "direction", "sgd") != "sgd":
-                raise ValueError(_CLIP_VALUE_DIRECTION.format(direction=qlab.direction))
-            bound = config.gradient_clip_value
-            dtype = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
-            clipped_sq = torch.zeros((), dtype=dtype, device=grads[0].device)
-            cross = torch.zeros((), dtype=dtype, device=grads[0].device)
-            for grad in grads:  # one temporary the size of a single tensor at a time
-                magnitude = grad.detach().abs().to(dtype).flatten()
-                clipped = magnitude.clamp(max=bound)
-                clipped_sq += torch.dot(clipped, clipped).to(cross.device)
-                cross += torch.dot(magnitude, clipped).to(cross.device)
-                grad.clamp_(-bound, bound)
-            # d = g_clipped: s = |g_c|^2 / (g . g_c); 1 when nothing was clipped (or g = 0).
-            scale = torch.where(cross > 0, clipped_sq / cross, torch.ones_like(cross))
-        if config.gradient_clip_norm is not None:
-            if scale is not None:  # the norm after clipping by value
-                total = torch.nn.utils.get_total_norm(grads, foreach=True)
-            coefficient = torch.clamp(config.gradient_clip_norm / (total + 1e-6), max=1.0)
-            torch._foreach_mul_(grads, coefficient.to(grads[0].dtype))
-            scale = coefficient if scale is None else scale * coefficient.to(scale)
-        return scale
-
-    def _qlab_unscale_diagnostics(self, qlab: QLAB) -> None:
-        # QLAB saw s * L; report the quantities of L itself (step sizes are unaffected).
-        assert self._qlab_clip_scale is not None and qlab.last_step is not None
-        scale = float(self._qlab_clip_scale)
-        if scale > 0 and math.isfinite(scale) and scale != 1.0:
-            last = qlab.last_step
-            qlab.last_step = replace(
-                last,
-                loss=last.loss / scale,
-                trial_loss=last.trial_loss / scale,
-                slope=last.slope / scale,
-                curvature=last.curvature / scale,
-            )
-
     # ------------------------------------------------------------------ checks
-    @property
-    def trainer(self) -> Any:  # type: ignore[override]
-        return LightningModule.trainer.fget(self)  # type: ignore[attr-defined]
-
-    @trainer.setter
-    def trainer(self, trainer: Any) -> None:
-        LightningModule.trainer.fset(self, trainer)  # type: ignore[attr-defined]
+    def _qlab_trainer_attached(self, trainer: Any) -> None:
         self._qlab_pending = None  # a new Trainer (or none): nothing carries over from a previous fit
         self._qlab_checked_setup = False
         self._qlab_stall_warned = False
@@ -631,6 +445,8 @@ class QLABMixin:
         # so this is the one place to point at the mixin's own options instead.
         if trainer is not None and trainer.state.fn == TrainerFn.FITTING and not self.automatic_optimization:
             _check_trainer_options(trainer)
+
+    trainer = _compat.trainer_property(_qlab_trainer_attached)
 
     def _qlab_checked_config(self) -> QLABConfig:
         if not isinstance(self.qlab_config, QLABConfig):
@@ -695,33 +511,6 @@ class QLABMixin:
                 "baseline with another optimizer set self.automatic_optimization = True in __init__."
             )
         return optimizer
-
-    def _qlab_checked_loss(self, value: Any, which: str) -> Tensor:
-        where = f"{type(self).__name__}.qlab_loss"
-        if not isinstance(value, Tensor):
-            raise TypeError(
-                f"{where} must return the mini-batch loss as a scalar torch.Tensor, got "
-                f"{type(value).__name__} (during the {which} forward). Return the tensor itself, "
-                "not loss.item() or a dict."
-            )
-        if value.numel() != 1:
-            raise ValueError(
-                f"{where} must return a scalar loss, got a tensor of shape {tuple(value.shape)} "
-                f"(during the {which} forward); reduce it with .mean() or .sum()."
-            )
-        if not value.is_floating_point():
-            raise TypeError(f"{where} must return a floating-point loss, got dtype {value.dtype}.")
-        if which == "training" and torch.is_grad_enabled() and not value.requires_grad:
-            raise RuntimeError(
-                f"{where} returned a loss that does not require grad: the training forward must "
-                "keep its autograd graph (no .detach(), no torch.no_grad() inside qlab_loss)."
-            )
-        return value.reshape(())
-
-
-def _widened(loss: Tensor) -> Tensor:
-    """A loss in float32 or wider: loss differences are small, half precision loses them."""
-    return loss.to(torch.promote_types(loss.dtype, torch.float32))
 
 
 def _check_trainer_options(trainer: Any) -> None:

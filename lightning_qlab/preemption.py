@@ -39,6 +39,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from lightning_qlab._compat import accumulating_gradients, ask_to_stop
+
 __all__ = ["Preemption"]
 
 
@@ -110,14 +112,14 @@ class Preemption(Callback):
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Lightning would stop inside validation, with the weight average swapped in: hold it.
         if self._stopping and _fitting(trainer):
-            _ask_lightning_to_stop(trainer, False)
+            ask_to_stop(trainer, False)
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not _fitting(trainer):
             return
         if self._stopping:
-            _ask_lightning_to_stop(trainer, True)
+            ask_to_stop(trainer, True)
         else:
             self._decide(trainer, pl_module)  # a signal that arrived during validation
 
@@ -134,7 +136,7 @@ class Preemption(Callback):
                 self._signal = signal.SIGTERM  # another rank got it
         if requested:
             self._stopping = True
-            _ask_lightning_to_stop(trainer, True)
+            ask_to_stop(trainer, True)
 
     # ------------------------------------------------------------------ saving
     @override
@@ -187,15 +189,9 @@ class Preemption(Callback):
 def _inside_accumulation_window(trainer: Trainer, pl_module: LightningModule) -> bool:
     """Whether micro-batches are accumulated for an optimizer step still to come."""
     if pl_module.automatic_optimization:
-        return trainer.fit_loop._should_accumulate()  # Trainer(accumulate_grad_batches=...)
+        return accumulating_gradients(trainer)  # Trainer(accumulate_grad_batches=...)
     return bool(getattr(pl_module, "qlab_step_pending", False))  # QLABConfig(accumulate_batches=...)
 
 
 def _fitting(trainer: Trainer) -> bool:
     return trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
-
-
-def _ask_lightning_to_stop(trainer: Trainer, stop: bool) -> None:
-    # Lightning's SIGTERM flag: its loops stop at the end of the current batch, or of the epoch
-    # when that batch was the epoch's last, and raise SIGTERMException (handled in on_exception).
-    trainer._signal_connector.received_sigterm = stop

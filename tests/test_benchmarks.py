@@ -118,7 +118,11 @@ def test_averaging_eta_tests_the_last_iterate_and_each_average(mnist_root: Path,
                                "--limit-train-batches", "3", "--threads", "1", "--etas", "0,3"])
     rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
     assert [row[1] for row in rows] == ["3", "6"]  # the optimizer steps taken by the end of each epoch
-    assert all(0.0 <= float(value.strip(" |")) <= 100.0 for row in rows for value in row[2:])
+    accuracies = [[float(value.strip(" |")) for value in row[2:]] for row in rows]
+    # After 6 steps every model tested (last iterate, eta 0, eta 3) beats always answering the most
+    # common digit (11.35% of the test set), and the averages are other models than the last iterate.
+    assert all(accuracy > 11.35 for accuracy in accuracies[1])
+    assert all(len(set(row)) > 1 for row in accuracies)
     assert (tmp_path / "mnist-mlp-qlab.md").read_text() == text
     with pytest.raises(SystemExit):
         averaging_eta.main(["mnist-mlp", "--data-dir", str(mnist_root), "--etas", "three"])

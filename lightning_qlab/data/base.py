@@ -16,6 +16,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Subset
 from typing_extensions import override
 
+from lightning_qlab._checks import is_integer
 from lightning_qlab.data.order import ResumableLoader
 
 __all__ = [
@@ -184,7 +185,7 @@ def check_class_folders(
 
 
 def check_int(owner: str, name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not is_integer(value) or value < minimum:
         bound = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise ValueError(f"{owner}: {name} must be {bound}, got {value!r}")
 

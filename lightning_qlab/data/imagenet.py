@@ -10,6 +10,7 @@ from torchvision import datasets
 from torchvision.transforms import v2
 from typing_extensions import override
 
+from lightning_qlab._checks import is_integer
 from lightning_qlab.data.base import DataMismatchError, ImageClassificationDataModule, check_class_folders
 
 __all__ = ["ImageNetDataModule"]
@@ -57,11 +58,11 @@ class ImageNetDataModule(ImageClassificationDataModule):
         # val_size and split_seed do not apply: the validation images are the official val/ set.
         super().__init__(data_dir, batch_size, num_workers, val_size=0, split_seed=0)
         for name, value in (("num_classes", num_classes), ("crop_size", crop_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_integer(value) or value < 1:
                 raise ValueError(f"ImageNetDataModule: {name} must be a positive integer, got {value!r}")
         if resize_size is None:
             resize_size = round(crop_size * 256 / 224)
-        if isinstance(resize_size, bool) or not isinstance(resize_size, int) or resize_size < crop_size:
+        if not is_integer(resize_size) or resize_size < crop_size:
             raise ValueError(
                 f"ImageNetDataModule: resize_size must be an integer >= crop_size ({crop_size}), "
                 f"got {resize_size!r}"

@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
+from lightning_qlab._checks import is_number
 from lightning_qlab.data.base import DataMismatchError, DataNotFoundError, check_int, make_loader
 
 __all__ = ["TextDataModule", "read_text_bytes"]
@@ -101,7 +102,7 @@ class TextDataModule(LightningDataModule):
         check_int(name, "num_workers", num_workers, minimum=0)
         check_int(name, "split_seed", split_seed, minimum=0)
         for field, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            if not is_number(value) or not 0 <= value < 1:
                 raise ValueError(f"{name}: {field} must be in [0, 1), got {value!r}")
         if val_fraction + test_fraction >= 1:
             raise ValueError(

@@ -11,12 +11,14 @@ from typing import Sequence
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from lightning_qlab._checks import is_integer
+
 __all__ = ["MultiLayerPerceptron", "SmallCNN", "ResNet18CIFAR", "ResNet50"]
 
 
 def _positive(owner: str, **values: int) -> None:
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_integer(value) or value < 1:
             raise ValueError(f"{owner}: {name} must be a positive integer, got {value!r}")
 
 

@@ -11,6 +11,8 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
+from lightning_qlab._checks import is_integer
+from lightning_qlab._compat import attached_trainer
 from lightning_qlab.mixin import QLABConfig
 from lightning_qlab.models.base import QLABModel
 
@@ -73,11 +75,10 @@ class ImageClassifier(QLABModel):
                 f"ImageClassifier: backbone must be a torch.nn.Module, got {type(backbone).__name__}; "
                 "in YAML give it as {class_path: lightning_qlab.models.ResNet18CIFAR, init_args: {...}}."
             )
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        if not is_integer(num_classes) or num_classes < 2:
             raise ValueError(f"ImageClassifier: num_classes must be an integer >= 2, got {num_classes!r}")
         top_k = tuple(top_k)
-        if not top_k or any(isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_classes
-                            for k in top_k):
+        if not top_k or any(not is_integer(k) or not 1 <= k <= num_classes for k in top_k):
             raise ValueError(
                 f"ImageClassifier: top_k must list integers between 1 and num_classes={num_classes}, "
                 f"got {list(top_k)!r}"
@@ -124,7 +125,7 @@ class ImageClassifier(QLABModel):
     @override
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = getattr(attached_trainer(self), "datamodule", None)
         data_classes = getattr(datamodule, "num_classes", None)
         if data_classes is not None and data_classes != self.num_classes:
             raise ValueError(

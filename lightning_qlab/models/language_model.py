@@ -13,6 +13,8 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
+from lightning_qlab._checks import is_integer
+from lightning_qlab._compat import attached_trainer
 from lightning_qlab.mixin import QLABConfig
 from lightning_qlab.models.base import QLABModel
 
@@ -74,12 +76,11 @@ class LanguageModel(QLABModel):
                 f"LanguageModel: the backbone's vocab_size is {vocabulary}, but the model reads UTF-8 "
                 f"bytes: set the backbone's vocab_size to {BYTE_VOCABULARY}."
             )
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if not is_integer(max_new_tokens) or max_new_tokens < 1:
             raise ValueError(f"LanguageModel: max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         if not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(temperature)):
             raise ValueError(f"LanguageModel: temperature must be a positive number, got {temperature!r}")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
-                                  or not 1 <= top_k <= BYTE_VOCABULARY):
+        if top_k is not None and (not is_integer(top_k) or not 1 <= top_k <= BYTE_VOCABULARY):
             raise ValueError(f"LanguageModel: top_k must be None or an integer in 1..256, got {top_k!r}")
         self.backbone = backbone
         self.max_new_tokens = max_new_tokens
@@ -98,7 +99,7 @@ class LanguageModel(QLABModel):
     @override
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = getattr(attached_trainer(self), "datamodule", None)
         data_block = getattr(datamodule, "block_size", None)
         model_block = getattr(self.backbone, "block_size", None)
         if isinstance(data_block, int) and isinstance(model_block, int) and data_block > model_block:

@@ -1,0 +1,167 @@
+"""Every use of a private torch or Lightning name, each behind one small named function.
+
+The rest of the package calls these and nothing private. When an upgrade moves or renames what
+one of them reaches into, ``tests/test_compat.py`` fails on that function by name, and a call at
+run time raises :class:`CompatibilityError` naming it, instead of an ``AttributeError`` deep in a
+training step. Written against torch 2.14 and lightning 2.6.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional, TypeVar
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "CompatibilityError",
+    # torch
+    "is_normalization_layer",
+    "foreach_copy_",
+    "foreach_lerp_",
+    "foreach_mul_",
+    # Lightning: the module and the Trainer
+    "attached_trainer",
+    "trainer_property",
+    "should_update_logs",
+    "logging_step",
+    "accumulating_gradients",
+    "ask_to_stop",
+    # Lightning: WeightAveraging's internals
+    "average_model",
+    "average_device",
+    "swap_average",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class CompatibilityError(RuntimeError):
+    """A private torch or Lightning name this package relies on is not where it was."""
+
+
+def _private(what: str) -> Callable[[F], F]:
+    """Name the function and the private ``what`` when the installed torch/Lightning lacks it."""
+
+    def decorate(function: F) -> F:
+        @functools.wraps(function)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return function(*args, **kwargs)
+            except (AttributeError, ImportError) as error:
+                import lightning
+
+                raise CompatibilityError(
+                    f"lightning_qlab._compat.{function.__name__}: {what} is not where this version of "
+                    f"lightning-qlab expects it (torch {torch.__version__}, lightning {lightning.__version__}; "
+                    f"written against torch 2.14 and lightning 2.6): {error}. Install versions it supports, "
+                    "or update this function."
+                ) from error
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+# ------------------------------------------------------------------------------------ torch
+@_private("torch.nn.modules.batchnorm._NormBase (BatchNorm and InstanceNorm's base class)")
+def is_normalization_layer(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is a BatchNorm (any dimension, SyncBatchNorm) or InstanceNorm layer, the
+    layers that may keep running statistics (``running_mean``, ``running_var``, ``num_batches_tracked``)."""
+    from torch.nn.modules.batchnorm import _NormBase
+
+    return isinstance(module, _NormBase)
+
+
+@_private("torch._foreach_copy_")
+def foreach_copy_(destinations: list[Tensor], sources: list[Tensor]) -> None:
+    """``d.copy_(s)`` for every pair, in one fused call."""
+    torch._foreach_copy_(destinations, sources)
+
+
+@_private("torch._foreach_lerp_")
+def foreach_lerp_(starts: list[Tensor], ends: list[Tensor], weight: Tensor | float) -> None:
+    """``s.lerp_(e, weight)`` for every pair, in one fused call."""
+    torch._foreach_lerp_(starts, ends, weight)
+
+
+@_private("torch._foreach_mul_")
+def foreach_mul_(tensors: list[Tensor], factor: Tensor | float) -> None:
+    """``t.mul_(factor)`` for every tensor, in one fused call."""
+    torch._foreach_mul_(tensors, factor)
+
+
+# ------------------------------------------------------------------- Lightning: module, Trainer
+@_private("LightningModule._trainer")
+def attached_trainer(module: Any) -> Optional[Any]:
+    """The Trainer ``module`` is attached to, or None (``module.trainer`` raises then)."""
+    return module._trainer
+
+
+@_private("LightningModule.trainer (a property with a setter)")
+def trainer_property(on_attach: Callable[[Any, Any], None]) -> property:
+    """``LightningModule.trainer``, calling ``on_attach(module, trainer)`` after each assignment.
+
+    Lightning assigns ``module.trainer`` at the start of ``fit``, before it checks the Trainer's
+    options against the module (manual optimization refuses ``accumulate_grad_batches``): the
+    one moment to check them first. Overriding the property relies on that order.
+    """
+    from lightning.pytorch import LightningModule
+
+    base = LightningModule.trainer
+    if base.fset is None:
+        raise AttributeError("LightningModule.trainer has no setter")
+
+    def set_trainer(module: Any, trainer: Any) -> None:
+        base.fset(module, trainer)
+        on_attach(module, trainer)
+
+    return property(base.fget, set_trainer, doc=base.__doc__)
+
+
+@_private("Trainer._logger_connector.should_update_logs")
+def should_update_logs(trainer: Any) -> bool:
+    """Whether this batch is one that ``Trainer(log_every_n_steps=...)`` logs (as LearningRateMonitor asks)."""
+    return bool(trainer._logger_connector.should_update_logs)
+
+
+@_private("Trainer.fit_loop.epoch_loop._batches_that_stepped")
+def logging_step(trainer: Any) -> int:
+    """The step that ``self.log`` values of this batch are logged at (the loggers' x-axis)."""
+    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+
+@_private("Trainer.fit_loop._should_accumulate")
+def accumulating_gradients(trainer: Any) -> bool:
+    """Whether automatic optimization is inside a ``Trainer(accumulate_grad_batches=...)`` window."""
+    return bool(trainer.fit_loop._should_accumulate())
+
+
+@_private("Trainer._signal_connector.received_sigterm")
+def ask_to_stop(trainer: Any, stop: bool) -> None:
+    """Set (or clear) Lightning's SIGTERM flag: its loops stop at the end of the current batch, or
+    of the epoch when the batch was its last, and raise ``SIGTERMException``."""
+    connector = trainer._signal_connector
+    if not hasattr(connector, "received_sigterm"):
+        raise AttributeError("the signal connector has no received_sigterm flag")
+    connector.received_sigterm = stop
+
+
+# ------------------------------------------------------------- Lightning: WeightAveraging
+@_private("WeightAveraging._average_model")
+def average_model(callback: Any) -> Optional[Any]:
+    """The callback's ``AveragedModel`` (None before fit has set it up)."""
+    return callback._average_model
+
+
+@_private("WeightAveraging._device")
+def average_device(callback: Any) -> Optional[Any]:
+    """The device the callback was asked to keep its average on (None: the module's)."""
+    return callback._device
+
+
+@_private("WeightAveraging._swap_models")
+def swap_average(callback: Any, module: Any) -> None:
+    """Exchange the module's parameters and buffers with the callback's average, in place."""
+    callback._swap_models(module)
