@@ -21,6 +21,14 @@ __all__ = [
     "foreach_copy_",
     "foreach_lerp_",
     "foreach_mul_",
+    "foreach_add_",
+    "foreach_addcmul_",
+    "foreach_div",
+    "foreach_div_",
+    "foreach_sqrt",
+    "foreach_norm",
+    "fused_adamw_",
+    "fused_sgd_",
     # Lightning: the module and the Trainer
     "attached_trainer",
     "trainer_property",
@@ -90,6 +98,66 @@ def foreach_lerp_(starts: list[Tensor], ends: list[Tensor], weight: Tensor | flo
 def foreach_mul_(tensors: list[Tensor], factor: Tensor | float) -> None:
     """``t.mul_(factor)`` for every tensor, in one fused call."""
     torch._foreach_mul_(tensors, factor)
+
+
+@_private("torch._foreach_add_")
+def foreach_add_(tensors: list[Tensor], others: list[Tensor] | Tensor | float, alpha: float = 1.0) -> None:
+    """``t.add_(o, alpha=alpha)`` for every pair (or ``t.add_(o)`` for a scalar ``o``), in one fused call."""
+    if isinstance(others, (list, tuple)):
+        torch._foreach_add_(tensors, others, alpha=alpha)
+    else:
+        torch._foreach_add_(tensors, others)
+
+
+@_private("torch._foreach_addcmul_")
+def foreach_addcmul_(tensors: list[Tensor], first: list[Tensor], second: list[Tensor], value: float) -> None:
+    """``t.addcmul_(a, b, value=value)`` for every triple, in one fused call."""
+    torch._foreach_addcmul_(tensors, first, second, value=value)
+
+
+@_private("torch._foreach_div")
+def foreach_div(tensors: list[Tensor], divisors: list[Tensor]) -> list[Tensor]:
+    """``t / d`` for every pair, as new tensors."""
+    return list(torch._foreach_div(tensors, divisors))
+
+
+@_private("torch._foreach_div_")
+def foreach_div_(tensors: list[Tensor], divisor: float) -> None:
+    """``t.div_(divisor)`` for every tensor."""
+    torch._foreach_div_(tensors, divisor)
+
+
+@_private("torch._foreach_sqrt")
+def foreach_sqrt(tensors: list[Tensor]) -> list[Tensor]:
+    """``t.sqrt()`` for every tensor, as new tensors."""
+    return list(torch._foreach_sqrt(tensors))
+
+
+@_private("torch._foreach_norm")
+def foreach_norm(tensors: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    """The 2-norm of every tensor, computed and returned in ``dtype``."""
+    return list(torch._foreach_norm(tensors, 2, dtype=dtype))
+
+
+@_private("torch._fused_adamw_ (the kernel of torch.optim.AdamW(fused=True))")
+def fused_adamw_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                 steps: list[Tensor], lr: float, beta1: float, beta2: float, weight_decay: float, eps: float,
+                 found_inf: Tensor) -> None:
+    """One AdamW step over tensors of one device and dtype, skipped on the device when
+    ``found_inf`` is 1; ``steps`` (already incremented) give the bias corrections."""
+    torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=lr, beta1=beta1, beta2=beta2,
+                        weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False, grad_scale=None,
+                        found_inf=found_inf)
+
+
+@_private("torch._fused_sgd_ (the kernel of torch.optim.SGD(fused=True))")
+def fused_sgd_(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], momentum: float,
+               lr: float, found_inf: Tensor) -> None:
+    """``w <- w - lr m`` with ``m <- momentum m + g`` (or ``m = g`` without buffers), skipped on the
+    device when ``found_inf`` is 1."""
+    torch._fused_sgd_(params, grads, momentum_buffers, weight_decay=0.0, momentum=momentum, lr=lr,
+                      dampening=0.0, nesterov=False, maximize=False, is_first_step=False, grad_scale=None,
+                      found_inf=found_inf)
 
 
 # ------------------------------------------------------------------- Lightning: module, Trainer

@@ -45,7 +45,7 @@ from lightning_qlab._checks import check_loss, is_integer, is_number
 from lightning_qlab.accumulation import PendingStep, step_window
 from lightning_qlab.averaging import PolynomialAveraging
 from lightning_qlab.clipping import CLIP_VALUE_NEEDS_SGD, clip_gradients, unscaled
-from lightning_qlab.optimizer import DIRECTIONS, MODES, QLAB
+from lightning_qlab.optimizer import QLAB, check_settings
 from lightning_qlab.trial import TrialForward
 
 __all__ = ["QLABConfig", "QLABMixin"]
@@ -60,9 +60,11 @@ class QLABConfig:
     ``model.init_args.qlab_config.accumulate_batches: 4`` with LightningCLI).
 
     Args:
-        direction: descent direction, passed to :class:`~lightning_qlab.optimizer.QLAB`:
-            ``"rmsprop"`` (default), ``"sgd"`` (QLABGrad as published), ``"momentum"`` or ``"adam"``.
+        direction: what the parameters step along, passed to :class:`~lightning_qlab.optimizer.QLAB`:
+            ``"adam"`` (default), ``"rmsprop"``, ``"sgd"`` (QLABGrad as published) or ``"momentum"``.
         mode: ``"safeguarded"`` (default) or ``"paper"``, passed to QLAB.
+        probe_every: fit the parabola on one step in this many (``None``: QLAB's default; paper
+            mode probes every step), passed to QLAB.
         initial_step: the first trial distance, passed to QLAB.
         weight_decay: decoupled weight decay, passed to QLAB.
         momentum: heavy-ball coefficient of the momentum direction, passed to QLAB.
@@ -85,12 +87,13 @@ class QLABConfig:
             adds none and yours applies.
 
     Example:
-        >>> QLABConfig(direction="adam", accumulate_batches=4).optimizer_kwargs()["direction"]
-        'adam'
+        >>> QLABConfig(direction="rmsprop", accumulate_batches=4).optimizer_kwargs()["direction"]
+        'rmsprop'
     """
 
-    direction: str = "rmsprop"
+    direction: str = "adam"
     mode: str = "safeguarded"
+    probe_every: Optional[int] = None
     initial_step: float = 1e-3
     weight_decay: float = 0.0
     momentum: float = 0.9
@@ -104,20 +107,7 @@ class QLABConfig:
     def __post_init__(self) -> None:
         # YAML and jsonargparse hand over lists; the field is a tuple so that the config stays hashable.
         object.__setattr__(self, "betas", tuple(self.betas))
-        if self.direction not in DIRECTIONS:
-            raise ValueError(f"QLABConfig: unknown direction {self.direction!r}; choose one of {DIRECTIONS}.")
-        if self.mode not in MODES:
-            raise ValueError(f"QLABConfig: unknown mode {self.mode!r}; choose one of {MODES}.")
-        if not is_number(self.initial_step) or not math.isfinite(self.initial_step) or self.initial_step <= 0:
-            raise ValueError(f"QLABConfig: initial_step must be a positive number, got {self.initial_step!r}.")
-        if not is_number(self.weight_decay) or not self.weight_decay >= 0:
-            raise ValueError(f"QLABConfig: weight_decay must be >= 0, got {self.weight_decay!r}.")
-        if not is_number(self.momentum) or not 0 <= self.momentum < 1:
-            raise ValueError(f"QLABConfig: momentum must be in [0, 1), got {self.momentum!r}.")
-        if len(self.betas) != 2 or not all(is_number(b) and 0 <= b < 1 for b in self.betas):
-            raise ValueError(f"QLABConfig: betas must be two numbers in [0, 1), got {self.betas!r}.")
-        if not is_number(self.eps) or not self.eps > 0:
-            raise ValueError(f"QLABConfig: eps must be positive, got {self.eps!r}.")
+        check_settings(owner="QLABConfig", **self.optimizer_kwargs())
         if not is_integer(self.accumulate_batches) or self.accumulate_batches < 1:
             raise ValueError(
                 f"QLABConfig: accumulate_batches must be an integer >= 1, got {self.accumulate_batches!r}."
@@ -137,6 +127,7 @@ class QLABConfig:
             initial_step=self.initial_step,
             direction=self.direction,
             mode=self.mode,
+            probe_every=self.probe_every,
             momentum=self.momentum,
             betas=self.betas,
             eps=self.eps,

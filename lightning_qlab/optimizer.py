@@ -4,33 +4,63 @@ Reference: M. Fu, F.-X. Wu, "QLABGrad: a Hyperparameter-Free and Convergence-Gua
 Deep Learning", AAAI 2024 (arXiv:2302.00252; v1 "QLAB: Quadratic Loss Approximation-Based Optimal
 Learning Rate for Deep Learning" adds the momentum and Adam directions).
 
-On a mini-batch with loss ``c = L(w)``, gradient ``g`` and descent direction ``d``, the loss along
-the direction is modelled as a parabola in the step size ``a``::
+On a mini-batch with loss ``c = L(w)``, gradient ``g`` and a direction ``d``, the loss along the
+direction is modelled as a parabola in the step size ``a``::
 
     phi(a) = L(w - a d) ~ c + b a + A a^2,       b = -(g . d)
 
-The curvature ``A`` comes from one extra forward pass at the *trial point* ``w - beta d``, where the
-*trial distance* ``beta`` is the previous step size::
+The curvature ``A`` comes from one extra forward pass at the *trial point* ``w - beta d``::
 
-    A = (L(w - beta d) - c - b beta) / beta^2,    a = -b / (2 A)
+    A = (L(w - beta d) - c - b beta) / beta^2,    a* = -b / (2 A)
+
+``mode="paper"`` is the published rule: every step probes at ``beta`` = the previous step and steps
+to ``a*``. The default ``mode="safeguarded"`` fits the same parabola, but only every
+``probe_every`` steps, and keeps a *held step* between probes (see :func:`next_held_step`):
+
+* the fitted minimiser of one mini-batch is short: sharpness rises to meet whatever step is taken
+  (progressive sharpening), so a rule that always steps to ``a*`` keeps shrinking its own step.
+  The held step therefore follows a smoothed ``a*`` up, never down,
+* unless it would pass half the stability edge of the update. On a quadratic, gradient descent
+  diverges beyond twice ``a*``, and ``a*`` itself keeps that margin of 2; momentum moves the edge
+  out by ``(1 + mu) / (1 - mu)`` (Adam's averaged momentum), so the held step may rise to 19
+  fitted minimisers with Adam's ``beta1 = 0.9``, and stays at the fitted minimiser without
+  momentum.
 
 This module has no Lightning import: it is usable in any PyTorch loop. The maths of the rule lives
-in :func:`solve_step_size` and nowhere else in the package.
+in :func:`solve_step_size` and :func:`next_held_step`; the directions in
+:mod:`lightning_qlab.directions`.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["QLAB", "QLABStep", "StepSolution", "solve_step_size", "DIRECTIONS", "MODES", "EVENTS"]
+from lightning_qlab import _compat
+from lightning_qlab._checks import is_integer, is_number, wide_dtype
+from lightning_qlab.directions import DIRECTIONS as _DIRECTION_TABLE
+from lightning_qlab.directions import finite_gradients
 
-DIRECTIONS = ("sgd", "rmsprop", "momentum", "adam")
+__all__ = [
+    "QLAB",
+    "QLABStep",
+    "StepSolution",
+    "StepEstimate",
+    "solve_step_size",
+    "next_held_step",
+    "check_settings",
+    "DIRECTIONS",
+    "MODES",
+    "EVENTS",
+]
+
+DIRECTIONS = tuple(_DIRECTION_TABLE)
 MODES = ("safeguarded", "paper")
 
 # Every event the optimizer can report, with the reason it exists. The counts are in ``QLAB.events``.
@@ -43,6 +73,7 @@ EVENTS = {
     "zero_gradient": "the gradient was exactly zero: there is nothing to step along",
     "not_descent": "g . d <= 0: the direction does not descend, the step was skipped",
     "warm_start_probes": "extra trial forwards spent by the first step to find the scale",
+    "stability_edge": "the held step was lowered to half the stability edge of the update",
 }
 
 # The fitted parabola is trusted up to GROWTH_LIMIT times the probed distance beta. A parabola
@@ -50,13 +81,19 @@ EVENTS = {
 # extrapolates from one noisy mini-batch, which is how the unbounded rule diverges. Classic
 # safeguarded line searches bound extrapolation by a fixed multiple of the bracket for the same
 # reason (Nocedal & Wright, "Numerical Optimization", 2nd ed., sec. 3.5). With the bound at 2 the
-# step size can still grow geometrically (x1000 in 10 steps), so no scale is out of reach, while a
+# step size can still grow geometrically (x1000 in 10 probes), so no scale is out of reach, while a
 # single bad fit can at most double the step.
 GROWTH_LIMIT = 2.0
 
-# The first step probes until the fitted minimiser lies inside [beta / GROWTH_LIMIT,
-# GROWTH_LIMIT * beta]. From any initial distance between 1e-12 and 1e12 that takes well under
-# this many trial forwards (each probe either doubles, halves or jumps to the fitted minimiser).
+# The first step probes until the fitted minimiser lies within a factor WARM_START_TOLERANCE of
+# the probed distance. From any initial distance between 1e-12 and 1e12 that takes well under
+# MAX_WARM_START_PROBES trial forwards (each probe doubles, halves or jumps to the minimiser).
+# The first fit sets the step held over the first PROBE_EVERY steps, and the held step never
+# falls below what it leads to, so it is fitted to 25% rather than to the factor 2 that one
+# probe's extrapolation is trusted to: on MNIST, first steps that differed by 20% (the loss along
+# d is not a parabola, so the fitted minimiser depends a little on where it is probed) led to held
+# steps 40% apart after an epoch; at 25% the five initial steps of the README's sweep agree.
+WARM_START_TOLERANCE = 1.25
 MAX_WARM_START_PROBES = 80
 
 # A probe can only measure curvature that stands out of the rounding of the loss values. The
@@ -67,6 +104,16 @@ MAX_WARM_START_PROBES = 80
 # epsilon the fitted minimiser was off by 25%, at 10 epsilons by 5%; at 1e-7 epsilons (a first
 # probe at 1e-6) it came out as 1e-6 instead of 5.
 RESOLVED_CURVATURE_EPS = 32.0
+
+# Safeguarded mode fits the parabola on one step in PROBE_EVERY. The trial forward costs a third
+# of a training step or more; probing one step in 8 brings that to 4-5% while the held step is
+# re-estimated every few dozen steps, far more often than it changes (the README's figures).
+PROBE_EVERY = 8
+
+# The held step follows a running mean of log a* over the probes, with this weight on the past:
+# one probe's a* scatters by a factor of about 2 around its neighbours, and 0.9 averages over the
+# last ~10 probes, as Adam's beta1 = 0.9 averages gradients.
+ESTIMATE_MEMORY = 0.9
 
 
 @dataclass(frozen=True)
@@ -119,12 +166,120 @@ def solve_step_size(
     return StepSolution(minimiser, minimiser, curvature, minimiser)
 
 
+def check_settings(
+    initial_step: float = 1e-3,
+    direction: str = "adam",
+    mode: str = "safeguarded",
+    probe_every: Optional[int] = None,
+    momentum: float = 0.9,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    owner: str = "QLAB",
+) -> int:
+    """Raise ``ValueError``/``TypeError`` naming ``owner`` for a setting QLAB cannot use; return
+    the probing interval these settings give (1 in paper mode, :data:`PROBE_EVERY` by default).
+
+    The one place QLAB's arguments are checked: :class:`QLAB` and
+    :class:`~lightning_qlab.mixin.QLABConfig` both call it.
+    """
+    if not is_number(initial_step):
+        raise TypeError(f"{owner}: initial_step must be a positive number, got {initial_step!r}")
+    if not math.isfinite(initial_step) or initial_step <= 0:
+        raise ValueError(
+            f"{owner}: initial_step must be positive and finite, got {initial_step!r}; "
+            "any value in 1e-6 ... 10 works in 'safeguarded' mode."
+        )
+    if direction not in DIRECTIONS:
+        raise ValueError(f"{owner}: unknown direction {direction!r}; choose one of {DIRECTIONS}.")
+    if mode not in MODES:
+        raise ValueError(f"{owner}: unknown mode {mode!r}; choose one of {MODES}.")
+    if probe_every is not None and (not is_integer(probe_every) or probe_every < 1):
+        raise ValueError(f"{owner}: probe_every must be None or an integer >= 1, got {probe_every!r}.")
+    if mode == "paper" and probe_every not in (None, 1):
+        raise ValueError(
+            f"{owner}: mode='paper' probes every step, as QLABGrad is published; probe_every="
+            f"{probe_every} needs mode='safeguarded'."
+        )
+    if not is_number(momentum) or not 0.0 <= momentum < 1.0:
+        raise ValueError(f"{owner}: momentum must be in [0, 1), got {momentum!r}")
+    if len(betas) != 2 or not all(is_number(b) and 0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"{owner}: betas must be two numbers in [0, 1), got {betas!r}")
+    if not is_number(eps) or not eps > 0.0:
+        raise ValueError(f"{owner}: eps must be positive, got {eps!r}")
+    if not is_number(weight_decay) or not weight_decay >= 0.0:
+        raise ValueError(f"{owner}: weight_decay must be non-negative, got {weight_decay!r}")
+    if mode == "paper":
+        return 1
+    return PROBE_EVERY if probe_every is None else probe_every
+
+
+@dataclass(frozen=True)
+class StepEstimate:
+    """A running mean of ``log a*`` over the probes (:data:`ESTIMATE_MEMORY` on the past),
+    with its bias correction, as Adam keeps its moments."""
+
+    log_sum: float = 0.0
+    weight: float = 0.0  # 1 - memory^n after n probes: the bias correction
+
+    def add(self, fitted: float) -> "StepEstimate":
+        m = ESTIMATE_MEMORY
+        return StepEstimate(m * self.log_sum + (1 - m) * math.log(fitted), m * self.weight + (1 - m))
+
+    @property
+    def value(self) -> float:
+        return math.exp(self.log_sum / self.weight) if self.weight > 0 else math.nan
+
+
+def next_held_step(held: float, estimate: StepEstimate, solution: StepSolution, edge: float
+                   ) -> tuple[float, StepEstimate, Optional[str]]:
+    """The step to hold until the next probe, from the probe that gave ``solution``.
+
+    Args:
+        held: the step held so far (the probed distance).
+        estimate: the running estimate of the fitted minimiser.
+        solution: what :func:`solve_step_size` fitted at this probe.
+        edge: the stability edge of the update, in fitted minimisers (2 without momentum); the
+            held step stays within half of it.
+
+    Returns:
+        The new held step, the new estimate, and ``"stability_edge"`` when the bound lowered it.
+
+    Example:
+        After a probe that fitted ``a* = 1``, one that fits ``a* = 0.5`` leaves a held step of 1
+        in place; it is lowered only where it would pass the stability edge:
+
+        >>> earlier = StepEstimate().add(1.0)
+        >>> sol = solve_step_size(loss=1.0, trial_loss=1.0, slope=-1.0, trial_distance=1.0)  # a* = 0.5
+        >>> held, estimate, _ = next_held_step(1.0, earlier, sol, edge=4.0)
+        >>> held, round(estimate.value, 3)
+        (1.0, 0.694)
+        >>> round(next_held_step(1.0, earlier, sol, edge=2.4)[0], 3)
+        0.833
+    """
+    if solution.event == "nonfinite_trial":
+        # The loss is not even finite at the held step: halve it and estimate afresh.
+        return solution.next_trial_distance, StepEstimate(), None
+    first = estimate.weight == 0.0
+    estimate = estimate.add(solution.step_size)
+    smoothed = estimate.value
+    bound = max(edge / 2, 1.0) * smoothed
+    if held > bound:
+        return bound, estimate, "stability_edge"
+    # The first estimate replaces the step held so far (the warm start's, fitted along the first
+    # step's sign-like direction, or a halved one); from then on the held step only rises.
+    return smoothed if first else max(held, smoothed), estimate, None
+
+
 @dataclass(frozen=True)
 class QLABStep:
     """Diagnostics of the last :meth:`QLAB.step`, in the paper's terms.
 
-    ``step_size`` is the step actually taken along ``-d`` (0.0 when skipped); it is also written
-    to every ``param_group["lr"]``. ``trial_distance`` is the ``beta`` that was probed.
+    ``step_size`` is the step actually taken along the update direction (0.0 when skipped on the
+    host); it is also written to every ``param_group["lr"]``. On a step that probes,
+    ``trial_distance`` is the ``beta`` that was probed and ``loss``, ``trial_loss``, ``slope``,
+    ``curvature`` describe the fit; on a step that does not, they are NaN (nothing was measured,
+    and nothing was read from the device).
     """
 
     step: int
@@ -142,74 +297,51 @@ class QLABStep:
 
 
 class QLAB(Optimizer):
-    r"""QLABGrad: a step size from one extra forward pass per step, and no learning rate.
+    r"""QLABGrad: step sizes from a parabola fitted with one extra forward pass, and no learning rate.
 
-    Each :meth:`step` moves the parameters to the trial point ``w - beta d``, calls
+    Every step that probes moves the parameters to the trial point ``w - beta d``, calls
     ``trial_loss_fn`` there (under ``torch.no_grad``), fits a parabola to the training loss, the
-    slope ``-(g . d)`` and the trial loss, and moves to its minimiser ``w - a d``. The step size
-    ``a`` becomes the next trial distance ``beta``.
+    slope ``-(g . d)`` and the trial loss, and takes the step. In ``"paper"`` mode every step
+    probes and steps to the fitted minimiser, as QLABGrad is published. In ``"safeguarded"``
+    mode (default) one step in ``probe_every`` probes; the others take a fused step of the held
+    step size without calling ``trial_loss_fn`` and without reading anything from the device.
 
     Args:
         params: parameters or parameter groups, as for any torch optimizer.
         initial_step: the first trial distance ``beta_0`` (> 0). In ``"safeguarded"`` mode the
             first step searches for the scale itself, so any value from 1e-6 to 10 trains alike.
-        direction: ``"rmsprop"`` (default: the gradient scaled per coordinate,
-            ``d = g / (sqrt(v_hat) + eps)`` with ``v`` the bias-corrected running mean of ``g^2``
-            at rate ``betas[1]``), ``"sgd"`` (``d = g``, QLABGrad as published), ``"momentum"``
-            (heavy ball, ``m <- mu m + g``, ``d = m``) or ``"adam"``
-            (``d = m_hat / (sqrt(v_hat) + eps)``). The last two are experimental (see below).
-        mode: ``"safeguarded"`` (default) or ``"paper"`` (the rule exactly as published; for
-            comparisons). See *Safeguards*.
-        momentum: ``mu`` for the momentum direction (per group).
-        betas: Adam's moment decay rates for the adam direction; rmsprop uses ``betas[1]``
-            (per group).
+        direction: what the parameters step along (see :mod:`lightning_qlab.directions`):
+            ``"adam"`` (default: Adam's ``m_hat / (sqrt(v_hat) + eps)``), ``"rmsprop"``
+            (``g / (sqrt(v_hat) + eps)``), ``"sgd"`` (``g``, QLABGrad as published) or
+            ``"momentum"`` (heavy ball ``m <- mu m + g``). In safeguarded mode the parabola is
+            always fitted along a descent direction of the current mini-batch (the RMS-scaled
+            gradient for adam and rmsprop, ``g`` for sgd and momentum); in paper mode along the
+            direction itself.
+        mode: ``"safeguarded"`` (default) or ``"paper"``. See the module docstring.
+        probe_every: probe one step in this many (safeguarded mode; default
+            :data:`PROBE_EVERY`). Paper mode probes every step.
+        momentum: ``mu`` of the momentum direction (per group).
+        betas: Adam's moment decay rates; rmsprop uses ``betas[1]`` (per group).
         eps: the denominator term of the adam and rmsprop directions (per group).
-        weight_decay: decoupled weight decay ``lambda`` (per group): ``w <- w - a lambda w``
-            next to the step, as in AdamW (Loshchilov & Hutter, 2019). Decoupled rather than an
-            L2 term in the gradient so that the parabola is fitted to the data loss alone: the
-            trial forward does not see an L2 term, so coupling it into ``g`` would fit a slope
-            and a curvature that belong to two different functions.
+        weight_decay: decoupled weight decay ``lambda`` (per group): ``w <- w (1 - a lambda)``
+            next to the step ``a``, as in AdamW (Loshchilov & Hutter, 2019). Decoupled so that the
+            parabola is fitted to the data loss alone, the only loss the trial forward sees.
 
     Calling convention: compute the loss, call ``backward()``, then
-    ``optimizer.step(loss, trial_loss_fn)`` where ``trial_loss_fn()`` returns the same
+    ``optimizer.step(loss, trial_loss_fn)``, where ``trial_loss_fn()`` returns the same
     mini-batch's loss at the parameters as they are when it is called (same batch, same mode,
-    the same dropout masks). Inside Lightning, :class:`lightning_qlab.QLABMixin` does this.
+    the same dropout masks: :class:`lightning_qlab.TrialForward` records and replays them).
 
-    Why ``direction="rmsprop"`` is the default: the parabola is fitted to the current
-    mini-batch, so the line has to be a descent direction for that mini-batch. Scaling the
-    gradient per coordinate keeps it one (``g . d = sum g^2 / (sqrt(v_hat) + eps) > 0``), while
-    the momentum and adam directions, which carry past gradients, are not always one: on the MNIST
-    panel they drift upwards and diverge. Against the published ``d = g`` it measured the same
-    or better on every benchmark in the README's results, at the last iterate: 97.99 vs 97.93%
-    on MNIST, 67.44 vs 63.91% on CIFAR-10; with the average of the iterates that
-    :class:`~lightning_qlab.QLABMixin` evaluates, 98.40 vs 98.33% and 78.53 vs 76.69%. It also
-    learns a recurrent task (the adding problem) that ``d = g``, like plain SGD, does not learn
-    in the budget at all. ``betas[1] = 0.999`` and ``eps = 1e-8`` are Adam's published defaults
-    (Kingma & Ba, 2015), taken unchanged rather than tuned: ``v_hat`` averages ``g^2`` over
-    about 1/(1 - 0.999) = 1,000 steps.
-    ``direction="sgd"`` is QLABGrad exactly as published.
+    Skipped steps: a non-finite gradient skips the step and changes nothing, on every step (on a
+    step that does not probe, on the device: ``param_group["lr"]`` cannot know it and still shows
+    the held step; the skip is counted in :attr:`events` at the next probe). A non-finite or zero
+    training loss or gradient is detected on the steps that probe. With ``reduce_losses`` a loss
+    that is finite here but not on another rank is only seen after the trial forward; then every
+    rank moves back from the trial point (to within rounding, identically on all ranks).
 
-    Safeguards (``"safeguarded"`` mode; each is counted in :attr:`events`):
-        * extrapolation bounded at :data:`GROWTH_LIMIT` times the probed distance;
-        * negative fitted curvature extrapolates to the same bound (the paper keeps ``beta``);
-        * an inf/NaN trial loss: the step is not taken and ``beta`` halves;
-        * a first step that probes until the scale is found (doubling while the parabola opens
-          downwards or its curvature is too small to stand out of the loss's rounding, halving
-          while the trial loss is not finite, jumping to the fitted minimiser otherwise), at most
-          :data:`MAX_WARM_START_PROBES` trial forwards, once per run. A probe is never proposed
-          where earlier probes showed the loss on or below its tangent, or not finite; the
-          search then stops at the probed point with the lowest loss.
-
-    In both modes a non-finite or zero gradient, or a non-finite training loss, skips the step
-    with the parameters and the direction state untouched. With ``reduce_losses`` a loss that is
-    finite here but not on another rank is only seen after the trial forward; then every rank
-    moves back from the trial point (to within rounding, identically on all ranks).
-
-    Cost: per step one trial forward, one fused update to the trial point and one to the new
-    point (``torch._foreach_*``, in place, no copy of the parameters), and two reads of scalars
-    from the device: the squared gradient norm and the training loss before anything is changed
-    (so that a non-finite gradient or loss changes nothing, as ``torch.amp.GradScaler`` does),
-    and the losses and ``g . d`` after the trial forward (for the solve).
+    Cost: per probing step, one trial forward, the direction in a few ``foreach`` passes, and one
+    read of a few scalars from the device; per other step, one fused kernel (torch's AdamW or SGD
+    kernel, the cost of an SGD step).
 
     Example:
         >>> import torch
@@ -232,58 +364,48 @@ class QLAB(Optimizer):
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
         initial_step: float = 1e-3,
-        direction: str = "rmsprop",
+        direction: str = "adam",
         mode: str = "safeguarded",
+        probe_every: Optional[int] = None,
         momentum: float = 0.9,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
     ) -> None:
-        if isinstance(initial_step, bool) or not isinstance(initial_step, (int, float)):
-            raise TypeError(f"QLAB: initial_step must be a positive number, got {initial_step!r}")
-        if not math.isfinite(initial_step) or initial_step <= 0:
-            raise ValueError(
-                f"QLAB: initial_step must be positive and finite, got {initial_step!r}; "
-                "any value in 1e-6 ... 10 works in 'safeguarded' mode."
-            )
-        if direction not in DIRECTIONS:
-            raise ValueError(f"QLAB: unknown direction {direction!r}; choose one of {DIRECTIONS}.")
-        if mode not in MODES:
-            raise ValueError(f"QLAB: unknown mode {mode!r}; choose one of {MODES}.")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"QLAB: momentum must be in [0, 1), got {momentum!r}")
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"QLAB: betas must be two numbers in [0, 1), got {betas!r}")
-        if not eps > 0.0:
-            raise ValueError(f"QLAB: eps must be positive, got {eps!r}")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"QLAB: weight_decay must be non-negative, got {weight_decay!r}")
-        defaults = dict(
-            lr=0.0, momentum=momentum, betas=tuple(betas), eps=eps, weight_decay=weight_decay
-        )
+        self.probe_every = check_settings(initial_step, direction, mode, probe_every, momentum, betas, eps,
+                                          weight_decay)
+        defaults = dict(lr=0.0, momentum=momentum, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
+        for group in self.param_groups:  # a group's own settings are checked like the defaults
+            check_settings(initial_step, direction, mode, probe_every, group["momentum"], group["betas"],
+                           group["eps"], group["weight_decay"], owner="QLAB (a parameter group)")
         self.direction = direction
         self.mode = mode
         self.initial_step = float(initial_step)
         # Optimizer-wide state: one line search runs along the concatenation of all groups.
-        self.trial_distance = float(initial_step)
+        self.trial_distance = float(initial_step)  # beta; in safeguarded mode also the held step
+        self.estimate = StepEstimate()
         self.steps = 0  # calls to step() that reached the rule, skipped ones included
-        self.direction_updates = 0  # updates of the momentum/Adam buffers (Adam's bias correction)
+        self.direction_updates = 0  # the moments' step count t (bias corrections)
         self.warm_started = False
         self.events: dict[str, int] = {name: 0 for name in EVENTS}
         self.last_step: Optional[QLABStep] = None
+        self._unread_skips: Optional[Tensor] = None  # steps skipped on the device since the last read
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
+        self._count_unread_skips()
         state = super().state_dict()
         state["qlab"] = {
             "trial_distance": self.trial_distance,
+            "estimate": asdict(self.estimate),
             "steps": self.steps,
             "direction_updates": self.direction_updates,
             "warm_started": self.warm_started,
             "events": dict(self.events),
             "direction": self.direction,
             "mode": self.mode,
+            "probe_every": self.probe_every,
             "last_step": None if self.last_step is None else self.last_step.as_dict(),
         }
         return state
@@ -296,19 +418,22 @@ class QLAB(Optimizer):
                 "QLAB.load_state_dict: this state dict has no 'qlab' entry; it was not saved by "
                 "QLAB.state_dict() (a different optimizer's checkpoint?)."
             )
-        if qlab["direction"] != self.direction:
-            raise ValueError(
-                f"QLAB.load_state_dict: the checkpoint used direction={qlab['direction']!r} but "
-                f"this optimizer uses direction={self.direction!r}; construct it with the same "
-                "direction to resume."
-            )
+        for name in ("direction", "mode", "probe_every"):
+            saved, own = qlab.get(name, getattr(self, name)), getattr(self, name)
+            if saved != own:
+                raise ValueError(
+                    f"QLAB.load_state_dict: the checkpoint used {name}={saved!r} but this optimizer "
+                    f"uses {name}={own!r}; construct it with the same {name} to resume."
+                )
         super().load_state_dict(state_dict)
         self.trial_distance = float(qlab["trial_distance"])
+        self.estimate = StepEstimate(**qlab.get("estimate", {}))
         self.steps = int(qlab["steps"])
         self.direction_updates = int(qlab["direction_updates"])
         self.warm_started = bool(qlab["warm_started"])
         self.events = {name: int(qlab["events"].get(name, 0)) for name in EVENTS}
         self.last_step = None if qlab["last_step"] is None else QLABStep(**qlab["last_step"])
+        self._unread_skips = None
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -327,13 +452,15 @@ class QLAB(Optimizer):
                 gradients (a scalar tensor; it may still carry its graph).
             trial_loss_fn: a no-argument callable returning the same mini-batch's loss at the
                 parameters as they are when it is called. It is called under ``torch.no_grad``
-                at the trial point (several times on the very first step in safeguarded mode).
+                at the trial point on the steps that probe (several times on the very first step
+                in safeguarded mode), and not at all on the others.
             closure: accepted for Lightning's optimizer plumbing, which passes its hook closure
                 here; it is called first, with gradients enabled. QLAB never re-evaluates the
                 training loss through it.
             reduce_losses: optional callable applied to the 1-D tensor ``[L(w), L(w - beta d)]``
                 before the solve; under data parallelism, pass a mean over ranks so that every
                 rank takes the same step (the gradient is already averaged, the losses are not).
+                Called on the steps that probe only, on every rank alike.
 
         Returns:
             The training loss, detached.
@@ -341,7 +468,7 @@ class QLAB(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 closure()
-        loss = _check_loss(loss, "loss", "the training loss whose backward() made the gradients")
+        loss = _checked(loss, "loss", "the training loss whose backward() made the gradients")
         if trial_loss_fn is None or not callable(trial_loss_fn):
             raise TypeError(
                 "QLAB.step needs trial_loss_fn: a no-argument callable returning the same "
@@ -353,81 +480,149 @@ class QLAB(Optimizer):
         self.steps += 1
         if not params:
             return self._skip(loss, "zero_gradient")
+        self.direction_updates += 1
+        for group, start, end in groups:
+            for p in params[start:end]:
+                self._buffers(p, group)
+        _compat.foreach_add_([self.state[p]["step"] for p in params], 1.0)
+        if self.mode == "paper" or not self.warm_started or (self.steps - 1) % self.probe_every == 0:
+            return self._probing_step(loss, trial_loss_fn, reduce_losses, params, grads, groups)
+        return self._fused_step(loss, params, grads, groups)
 
-        # Read 1, before anything changes: the squared gradient norm (so that a non-finite
-        # gradient changes nothing) and, in the same transfer, the local training loss.
-        grad_sq = _sum_of_squares(grads)
-        grad_sq_value, local_loss = torch.stack([grad_sq, loss.to(grad_sq).reshape(())]).tolist()
-        if not math.isfinite(grad_sq_value):
-            return self._skip(loss, "nonfinite_gradient")
-        if not math.isfinite(local_loss) and reduce_losses is None:
-            # Skipped before the direction state or the parameters move, so nothing changes.
-            # With reduce_losses the decision waits for the reduced loss below: every rank
-            # must take part in the same collectives and make the same decision.
-            return self._skip(loss, "nonfinite_loss")
-        if grad_sq_value == 0.0:
-            return self._skip(loss, "zero_gradient")
+    def _fused_step(self, loss: Tensor, params: list[Tensor], grads: list[Tensor], groups: list) -> Tensor:
+        """A step of the held size along the direction, in fused kernels; reads nothing."""
+        dtype = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
+        total = torch.stack(_compat.foreach_norm(grads, dtype)).sum()
+        found_inf = (~torch.isfinite(total)).to(torch.float32)
+        step_size = self.trial_distance
+        direction = _DIRECTION_TABLE[self.direction]
+        for group, start, end in groups:
+            for chunk in _by_device_and_dtype(params[start:end]):
+                subset = [params[start + i] for i in chunk]
+                direction.fused_step(group, subset, [grads[start + i] for i in chunk],
+                                     [self.state[p] for p in subset], step_size,
+                                     found_inf.to(subset[0].device), [self.state[p]["step"] for p in subset])
+        self._unread_skips = found_inf if self._unread_skips is None else self._unread_skips + found_inf
+        self._record(step_size, math.nan, math.nan, math.nan, math.nan, math.nan, None, 0)
+        return loss
 
+    def _probing_step(self, loss: Tensor, trial_loss_fn: Callable[[], Tensor],
+                      reduce_losses: Optional[Callable[[Tensor], Tensor]], params: list[Tensor],
+                      grads: list[Tensor], groups: list) -> Tensor:
+        """Fit the parabola along d at the trial point, then take the step; one read in all."""
+        direction = _DIRECTION_TABLE[self.direction]
+        paper = self.mode == "paper"
+        grad_sq = finite_gradients(grads)  # non-finite entries are zeroed: the step is skipped below
+        # Nothing may change for a step that is skipped: keep = 0 makes the moment updates the
+        # identity. Without reduce_losses the loss is known here; with it, every rank must update
+        # its moments alike, so only the gradient (the same on every rank) decides.
+        keep = (torch.isfinite(grad_sq) & (grad_sq > 0)).to(grad_sq.dtype)
+        if reduce_losses is None:
+            keep = keep * torch.isfinite(loss).to(keep)
+        _compat.foreach_mul_(grads, keep.to(grads[0].dtype))  # a skipped step adds no gradient to the moments
+        t = self.direction_updates
+        probed: list[Tensor] = []
+        for group, start, end in groups:
+            if end == start:
+                continue
+            states = [self.state[p] for p in params[start:end]]
+            direction.update_moments(group, states, grads[start:end], keep, t)
+            probed += direction.probe(group, states, grads[start:end], t, paper)
+        g_dot_d = _dot(grads, probed)
         beta = self.trial_distance
-        if beta * beta == 0.0:
-            # The curvature A = (...) / beta^2 can no longer be represented: the trial distance
-            # has collapsed, which a consistent trial loss never causes (it only shrinks beta
-            # while the loss at beta rises, and a smooth loss stops rising for small beta).
+        if beta * beta < sys.float_info.min:
+            # The curvature A = (...) / beta^2 can no longer be represented (beta^2 is zero or
+            # subnormal): the trial distance has collapsed, which a consistent trial loss never causes.
             raise RuntimeError(
                 f"QLAB: the trial distance collapsed to {beta:.3g} after {self.steps - 1} steps: "
                 "the trial loss kept rising even for vanishing steps. This happens when "
                 "trial_loss_fn does not evaluate the same function as the training forward "
-                "(fresh dropout masks, another batch, eval mode): QLABMixin replays the dropout "
-                "masks for you; in a plain loop, re-seed the RNG or evaluate without dropout."
+                "(fresh dropout masks, another batch, eval mode): lightning_qlab.TrialForward "
+                "replays the dropout masks for you."
             )
-        directions, slope_dot = self._descent_direction(params, grads, groups, grad_sq)
-        torch._foreach_add_(params, directions, alpha=-beta)
+        # w itself, kept until the step: coming back by adding beta d again would leave a rounding
+        # error of the size of beta d, more than the step when the fit asks for a much shorter one.
+        origin = [p.detach().clone() for p in params]
+        _compat.foreach_add_(params, probed, -beta)
+        c, trial, gd, squared, unread = self._read(loss, trial_loss_fn, reduce_losses, params, origin, beta,
+                                                   [g_dot_d, grad_sq, self._unread_skips])
+        self._count_unread_skips(unread)
+        skipped = None
+        if not math.isfinite(squared):
+            skipped = "nonfinite_gradient"
+        elif squared == 0.0:
+            skipped = "zero_gradient"
+        elif not math.isfinite(c):
+            skipped = "nonfinite_loss"
+        elif not gd > 0.0:
+            skipped = "not_descent"
+        if skipped is not None:
+            _compat.foreach_copy_(params, origin)
+            return self._skip(loss, skipped, trial_loss=trial, slope=-gd)
+
+        solution = solve_step_size(c, trial, -gd, beta, self.mode)
         probes = 1
-        train_loss, trial_loss, g_dot_d = self._read_losses(
-            loss, trial_loss_fn, reduce_losses, slope_dot, params, directions, beta
-        )
-
-        if not math.isfinite(train_loss):
-            # Only reachable with reduce_losses (another rank's loss was not finite): every rank
-            # moves back from the trial point by the same arithmetic, so the replicas stay equal.
-            torch._foreach_add_(params, directions, alpha=beta)
-            return self._skip(loss, "nonfinite_loss", trial_loss=trial_loss, slope=-g_dot_d)
-        if self.direction != "sgd" and not g_dot_d > 0.0:
-            torch._foreach_add_(params, directions, alpha=beta)
-            return self._skip(loss, "not_descent", trial_loss=trial_loss, slope=-g_dot_d)
-
-        solution = solve_step_size(train_loss, trial_loss, -g_dot_d, beta, self.mode)
-        if self.mode == "safeguarded" and not self.warm_started:
+        if not paper and not self.warm_started:
 
             def probe(from_distance: float, to_distance: float) -> float:
                 """Move from w - from_distance d to w - to_distance d; the trial loss there."""
-                torch._foreach_add_(params, directions, alpha=from_distance - to_distance)
-                return self._read_losses(
-                    loss, trial_loss_fn, reduce_losses, slope_dot, params, directions, to_distance
-                )[1]
+                _compat.foreach_add_(params, probed, from_distance - to_distance)
+                return self._read(loss, trial_loss_fn, reduce_losses, params, origin, to_distance)[1]
 
             resolution = RESOLVED_CURVATURE_EPS * torch.finfo(loss.dtype).eps
-            solution, beta, trial_loss, probes = _warm_start(
-                solution, beta, train_loss, trial_loss, g_dot_d, self.mode, probe, resolution
-            )
-            self.warm_started = True
+            solution, beta, trial, probes = _warm_start(solution, beta, c, trial, gd, self.mode, probe, resolution)
             self.events["warm_start_probes"] += probes - 1
 
-        step_size = solution.step_size
-        # From the trial point w - beta d to w (1 - a lambda) - a d, group by group.
-        for group, group_params, group_dirs in groups_with(groups, params, directions):
-            decay = group["weight_decay"] * step_size
-            if decay != 0.0:
-                torch._foreach_mul_(group_params, 1.0 - decay)
-            torch._foreach_add_(group_params, group_dirs, alpha=beta * (1.0 - decay) - step_size)
+        event = solution.event
+        if paper or not self.warm_started:  # the first probe sets the scale; the estimate starts after it
+            step_size, self.trial_distance = solution.step_size, solution.next_trial_distance
+            self.warm_started = not paper
+        else:
+            held, self.estimate, edge_event = next_held_step(
+                self.trial_distance, self.estimate, solution, self._stability_edge())
+            if edge_event is not None:
+                self.events[edge_event] += 1
+                event = event or edge_event
+            self.trial_distance = held
+            step_size = 0.0 if solution.event == "nonfinite_trial" else held
+        self._move(params, origin, grads, probed, groups, step_size)
         if solution.event is not None:
             self.events[solution.event] += 1
-        self.trial_distance = solution.next_trial_distance
-        self._record(step_size, beta, solution.curvature, train_loss, trial_loss, -g_dot_d,
-                     solution.event, probes)
+        self._record(step_size, beta, solution.curvature, c, trial, -gd, event, probes)
         return loss
 
     # ------------------------------------------------------------------ internals
+    def _move(self, params: list[Tensor], origin: list[Tensor], grads: list[Tensor], probed: list[Tensor],
+              groups: list, step_size: float) -> None:
+        """From the trial point to ``w (1 - a lambda) - a u`` (``origin`` holds ``w``), group by group."""
+        _compat.foreach_copy_(params, origin)
+        direction = _DIRECTION_TABLE[self.direction]
+        for group, start, end in groups:
+            if end == start:
+                continue
+            group_params = params[start:end]
+            update = probed[start:end]
+            if self.mode != "paper":
+                update = direction.step(group, [self.state[p] for p in group_params], grads[start:end],
+                                        self.direction_updates, update)
+            decay = group["weight_decay"] * step_size
+            if decay != 0.0:
+                _compat.foreach_mul_(group_params, 1.0 - decay)
+            _compat.foreach_add_(group_params, update, -step_size)
+
+    def _stability_edge(self) -> float:
+        """The smallest stability edge over the groups (their momentum settings may differ)."""
+        direction = _DIRECTION_TABLE[self.direction]
+        return min(direction.edge(group) for group in self.param_groups)
+
+    def _buffers(self, p: Tensor, group: dict) -> None:
+        """Create ``p``'s state lazily: the direction's buffers and the step count."""
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            for name in _DIRECTION_TABLE[self.direction].buffers:
+                state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
     def _params_with_grad(self) -> tuple[list[Tensor], list[Tensor], list[tuple[dict, int, int]]]:
         """Flat lists of the parameters that have gradients, and each group's slice of them."""
         params: list[Tensor] = []
@@ -448,83 +643,21 @@ class QLAB(Optimizer):
             groups.append((group, start, len(params)))
         return params, grads, groups
 
-    def _descent_direction(
-        self, params: list[Tensor], grads: list[Tensor], groups: list, grad_sq: Tensor
-    ) -> tuple[list[Tensor], Tensor]:
-        """The direction d (updating momentum/Adam buffers) and g . d as a device scalar."""
-        if self.direction == "sgd":
-            return grads, grad_sq
-        self.direction_updates += 1
-        directions: list[Tensor] = []
-        for group, start, end in groups:
-            group_params, group_grads = params[start:end], grads[start:end]
-            if not group_params:
-                continue
-            if self.direction == "momentum":
-                directions += self._momentum_direction(group, group_params, group_grads)
-            else:
-                directions += self._adam_direction(group, group_params, group_grads)
-        return directions, _dot(grads, directions)
-
-    def _momentum_direction(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
-        buffers = []
-        for p, g in zip(params, grads):
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                # The first buffer is the gradient itself, as in torch.optim.SGD.
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            buffers.append(state["momentum_buffer"])
-        torch._foreach_mul_(buffers, group["momentum"])
-        torch._foreach_add_(buffers, grads)
-        return buffers
-
-    def _adam_direction(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
-        """Adam's direction; for rmsprop the same without the first moment (the gradient itself)."""
-        beta1, beta2 = group["betas"]
-        rmsprop = self.direction == "rmsprop"
-        exp_avgs, exp_avg_sqs = [], []
-        for p in params:
-            state = self.state[p]
-            if "exp_avg_sq" not in state:
-                if not rmsprop:
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if not rmsprop:
-                exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-        if rmsprop:
-            exp_avgs, beta1 = grads, 0.0
-        else:
-            torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
-        t = self.direction_updates
-        bias_correction1 = 1.0 - beta1**t
-        bias_correction2 = 1.0 - beta2**t
-        # d = (m / bc1) / (sqrt(v / bc2) + eps), computed like torch.optim.Adam's foreach path.
-        denominators = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denominators, math.sqrt(bias_correction2))
-        torch._foreach_add_(denominators, group["eps"])
-        directions = torch._foreach_div(exp_avgs, denominators)
-        if bias_correction1 != 1.0:
-            torch._foreach_div_(directions, bias_correction1)
-        return directions
-
-    def _read_losses(
+    def _read(
         self,
         loss: Tensor,
         trial_loss_fn: Callable[[], Tensor],
         reduce_losses: Optional[Callable[[Tensor], Tensor]],
-        g_dot_d: Tensor,
         params: list[Tensor],
-        directions: list[Tensor],
+        origin: list[Tensor],
         beta: float,
-    ) -> tuple[float, float, float]:
+        extras: Sequence[Optional[Tensor]] = (),
+    ) -> list[float]:
         """Evaluate the trial loss at ``w - beta d`` (where the parameters are now) and read
-        (c, trial loss, g . d) from the device in one go.
+        ``[c, trial loss, *extras]`` from the device in one go (an extra that is None reads as 0).
 
         If ``trial_loss_fn`` raises or returns something that is not a scalar tensor, the
-        parameters are moved back to ``w`` (by adding ``beta d``) before the error propagates.
+        parameters are put back to ``w`` (``origin``) before the error propagates.
         """
         try:
             try:
@@ -535,7 +668,7 @@ class QLAB(Optimizer):
                     "above); the parameters were moved back to w. trial_loss_fn must return the "
                     "same mini-batch's loss at the parameters as they are when it is called."
                 ) from error
-            trial = _check_loss(trial, "trial_loss_fn()", "the mini-batch loss at the trial point")
+            trial = _checked(trial, "trial_loss_fn()", "the mini-batch loss at the trial point")
             if trial.data_ptr() == loss.data_ptr():
                 raise ValueError(
                     "QLAB: trial_loss_fn() returned the training loss itself (the same tensor), "
@@ -543,17 +676,27 @@ class QLAB(Optimizer):
                     "e.g. lambda: loss_fn(model(x), y)."
                 )
         except Exception:
-            torch._foreach_add_(params, directions, alpha=beta)
+            _compat.foreach_copy_(params, origin)
             raise
         # Loss differences are small: read them in float32 even under half precision, and in
         # float64 when the model computes in float64.
-        dtype = torch.promote_types(torch.promote_types(loss.dtype, trial.dtype), torch.float32)
+        dtype = wide_dtype(torch.promote_types(loss.dtype, trial.dtype))
         losses = torch.stack([loss.to(dtype).reshape(()), trial.detach().to(dtype).reshape(())])
         if reduce_losses is not None:
             losses = reduce_losses(losses)
-        values = torch.cat([losses.double(), g_dot_d.double().reshape(1).to(losses.device)])
-        c, t, gd = values.tolist()
-        return c, t, gd
+        values = [losses.double()]
+        values += [losses.new_zeros(1, dtype=torch.float64) if x is None else x.double().reshape(1).to(losses.device)
+                   for x in extras]
+        return torch.cat(values).tolist()
+
+    def _count_unread_skips(self, unread: Optional[float] = None) -> None:
+        """Add the steps skipped on the device since the last read to the events."""
+        if self._unread_skips is None:
+            return
+        if unread is None:
+            unread = float(self._unread_skips)
+        self.events["nonfinite_gradient"] += int(round(unread))
+        self._unread_skips = None
 
     def _skip(self, loss: Tensor, event: str, trial_loss: float = math.nan, slope: float = math.nan) -> Tensor:
         self.events[event] += 1
@@ -567,11 +710,12 @@ class QLAB(Optimizer):
         self.last_step = QLABStep(self.steps, step_size, beta, curvature, loss, trial_loss, slope, event, probes)
 
 
-def groups_with(groups: list, params: list[Tensor], directions: list[Tensor]):
-    """Yield (group, its parameters, their directions) for the groups that have gradients."""
-    for group, start, end in groups:
-        if end > start:
-            yield group, params[start:end], directions[start:end]
+def _by_device_and_dtype(tensors: list[Tensor]) -> list[list[int]]:
+    """Indices of ``tensors`` grouped by device and dtype, as the fused kernels want them."""
+    chunks: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for index, tensor in enumerate(tensors):
+        chunks.setdefault((tensor.device, tensor.dtype), []).append(index)
+    return list(chunks.values())
 
 
 def _warm_start(
@@ -587,8 +731,8 @@ def _warm_start(
     """The first step's search for the scale.
 
     Starting from the probe at ``beta`` (already solved in ``solution``), probe again until the
-    fitted minimiser lies within [beta / G, G beta], G = GROWTH_LIMIT: then the first step
-    interpolates. Each probe halves the distance while the trial loss is not finite, doubles it
+    fitted minimiser lies within a factor :data:`WARM_START_TOLERANCE` of ``beta``: then the first
+    step interpolates. Each probe halves the distance while the trial loss is not finite, doubles it
     while the parabola opens downwards or its curvature term ``A beta^2`` is lost in the rounding
     of the loss (below ``resolution * max(|c|, |trial loss|)``), and otherwise jumps to the
     fitted minimiser. ``probe(from_distance, to_distance)`` moves the parameters and returns the
@@ -639,19 +783,19 @@ def _warm_start_distance(solution: StepSolution, beta: float, resolved: bool) ->
 
     Halve while the trial loss is not finite, double while the fitted curvature is not positive
     or not ``resolved`` from rounding, and otherwise jump to the fitted minimiser until it lies
-    within [beta / G, G beta] (G is GROWTH_LIMIT): then the first step is an interpolation, not
-    an extrapolation.
+    within [beta / T, T beta] (T is WARM_START_TOLERANCE): then the first step is an
+    interpolation, not an extrapolation, and the fit agrees with where it was probed.
     """
     if solution.event == "nonfinite_trial":
         return beta / 2.0
     if not resolved:
         return GROWTH_LIMIT * beta
-    if beta / GROWTH_LIMIT <= solution.minimiser <= GROWTH_LIMIT * beta:
+    if beta / WARM_START_TOLERANCE <= solution.minimiser <= WARM_START_TOLERANCE * beta:
         return None
     return solution.minimiser
 
 
-def _check_loss(value: Any, name: str, what: str) -> Tensor:
+def _checked(value: Any, name: str, what: str) -> Tensor:
     if not isinstance(value, Tensor):
         raise TypeError(f"QLAB: {name} must be a torch.Tensor holding {what}, got {type(value).__name__}.")
     if value.numel() != 1:
@@ -662,14 +806,7 @@ def _check_loss(value: Any, name: str, what: str) -> Tensor:
     return value
 
 
-def _sum_of_squares(tensors: list[Tensor]) -> Tensor:
-    """sum_i |t_i|^2 in float32 or wider, as a device scalar."""
-    dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
-    norms = torch._foreach_norm(tensors, 2, dtype=dtype)
-    return torch.stack(norms).square().sum()
-
-
 def _dot(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
     """sum_i <x_i, y_i> in float32 or wider, as a device scalar."""
-    dtype = torch.float64 if xs[0].dtype == torch.float64 else torch.float32
+    dtype = wide_dtype(xs[0].dtype)
     return torch.stack([torch.vdot(x.reshape(-1).to(dtype), y.reshape(-1).to(dtype)) for x, y in zip(xs, ys)]).sum()

@@ -5,12 +5,22 @@ Written from the formulas alone (DESIGN.md section 1 and the docstrings of
 shares no code with the optimizer: the constants are repeated here and a test checks that they
 still agree.
 
-On a mini-batch with loss ``c = L(w)``, gradient ``g`` and descent direction ``d``::
+On a mini-batch with loss ``c = L(w)``, gradient ``g`` and the probed direction ``d``::
 
     phi(a) = L(w - a d) ~ c + b a + A a^2,     b = -(g . d)
-    A = (L(w - beta d) - c - b beta) / beta^2   (beta: the trial distance = previous step size)
-    a = -b / (2 A)                              (the step size)
-    w <- w (1 - a lambda) - a d                 (lambda: the group's decoupled weight decay)
+    A = (L(w - beta d) - c - b beta) / beta^2   (beta: the trial distance)
+    a* = -b / (2 A)                             (the fitted minimiser)
+    w <- w (1 - a lambda) - a u                 (lambda: the group's decoupled weight decay)
+
+Paper mode probes every step with beta = the previous step, steps to a = a*, and u = d.
+Safeguarded mode probes on step 1 and on every ``probe_every``-th step after, holds the step
+``a`` in between (probed at beta = a), and steps along ``u``, which is the momentum for the
+momentum and adam directions. The held step after a probe (the first probe's warm start sets it):
+
+    s = exp(mean of log a* over the probes, weights 0.9^age, bias-corrected)
+    a = edge / 2 * s       if a > edge / 2 * s  (edge: the update's stability edge, in units of a*)
+    a = s                  at the first probe after the warm start
+    a = max(a, s)          otherwise
 
 Usage::
 
@@ -30,7 +40,10 @@ from torch import Tensor
 # The safeguards' constants, as documented in lightning_qlab.optimizer.
 GROWTH_LIMIT = 2.0  # extrapolation is trusted up to twice the probed distance
 MAX_WARM_START_PROBES = 80  # trial forwards the first step may spend finding the scale
+WARM_START_TOLERANCE = 1.25  # the first step's search stops when the fit is within 25% of the probe
 RESOLVED_CURVATURE_EPS = 32.0  # the warm start trusts A beta^2 above 32 epsilons of the loss
+PROBE_EVERY = 8  # safeguarded mode's default probing interval
+ESTIMATE_MEMORY = 0.9  # the weight of the past in the running mean of log a*
 
 EVENT_NAMES = (
     "negative_curvature",
@@ -41,6 +54,7 @@ EVENT_NAMES = (
     "zero_gradient",
     "not_descent",
     "warm_start_probes",
+    "stability_edge",
 )
 
 
@@ -101,8 +115,8 @@ def warm_start_next(decision: Decision, beta: float, resolved: bool) -> Optional
         return GROWTH_LIMIT * beta, "double"  # double while the parabola opens downwards
     if not resolved:
         return GROWTH_LIMIT * beta, "double (unresolved)"  # or its curvature is rounding noise
-    if beta / GROWTH_LIMIT <= decision.minimiser <= GROWTH_LIMIT * beta:
-        return None  # the minimiser is an interpolation: done
+    if beta / WARM_START_TOLERANCE <= decision.minimiser <= WARM_START_TOLERANCE * beta:
+        return None  # the minimiser is close to where it was probed: done
     return decision.minimiser, "jump"  # jump to the fitted minimiser and probe there
 
 
@@ -127,6 +141,7 @@ class ReferenceQLAB:
         initial_step: float = 1e-3,
         direction: str = "sgd",
         mode: str = "safeguarded",
+        probe_every: int = PROBE_EVERY,
         loss_eps: float = torch.finfo(torch.float64).eps,
     ) -> None:
         """``loss_eps``: the machine epsilon of the dtype the losses are computed in."""
@@ -134,71 +149,101 @@ class ReferenceQLAB:
         self.groups = groups
         self.direction = direction
         self.mode = mode
-        self.trial_distance = float(initial_step)
+        self.probe_every = 1 if mode == "paper" else probe_every
+        self.trial_distance = float(initial_step)  # also the held step in safeguarded mode
+        self.log_sum = 0.0  # the running mean of log a*: its sum and its bias correction
+        self.weight = 0.0
         self.steps = 0
-        self.direction_updates = 0
+        self.t = 0  # the moments' step count: every step, skipped ones included
         self.warm_started = False
         self.events = {name: 0 for name in EVENT_NAMES}
-        self.momentum_buffer: Optional[Tensor] = None
-        self.exp_avg: Optional[Tensor] = None
-        self.exp_avg_sq: Optional[Tensor] = None
+        self.m: Optional[Tensor] = None  # momentum buffer / Adam's first moment
+        self.v: Optional[Tensor] = None  # Adam's and rmsprop's second moment
         self.last: Optional[ReferenceStep] = None
         self.warm_start_moves: list[str] = []  # "halve", "double" or "jump", in order
 
     # -------------------------------------------------------------------- directions
-    def descent_direction(self, grad: Tensor) -> Tensor:
-        """d for the configured direction; updates the momentum / Adam moments."""
-        if self.direction == "sgd":
-            return grad.clone()
-        self.direction_updates += 1
-        t = self.direction_updates
-        d = torch.zeros_like(grad)
-        if self.direction == "momentum":
-            if self.momentum_buffer is None:
-                self.momentum_buffer = torch.zeros_like(grad)
-            for group in self.groups:
-                s = slice(group.start, group.end)
-                # heavy ball: m <- mu m + g, d = m
-                self.momentum_buffer[s] = group.momentum * self.momentum_buffer[s] + grad[s]
-                d[s] = self.momentum_buffer[s]
-            return d
-        if self.exp_avg is None:
-            self.exp_avg = torch.zeros_like(grad)
-            self.exp_avg_sq = torch.zeros_like(grad)
+    def update_moments(self, grad: Tensor) -> None:
+        if self.m is None:
+            self.m, self.v = torch.zeros_like(grad), torch.zeros_like(grad)
         for group in self.groups:
             s = slice(group.start, group.end)
             beta1, beta2 = group.betas
-            if self.direction == "rmsprop":  # no first moment: d = g / (sqrt(v_hat) + eps)
-                beta1 = 0.0
-            self.exp_avg[s] = beta1 * self.exp_avg[s] + (1.0 - beta1) * grad[s]
-            self.exp_avg_sq[s] = beta2 * self.exp_avg_sq[s] + (1.0 - beta2) * grad[s] ** 2
-            m_hat = self.exp_avg[s] / (1.0 - beta1**t)
-            v_hat = self.exp_avg_sq[s] / (1.0 - beta2**t)
-            d[s] = m_hat / (torch.sqrt(v_hat) + group.eps)
-        return d
+            if self.direction == "momentum":  # heavy ball: m <- mu m + g
+                self.m[s] = group.momentum * self.m[s] + grad[s]
+            if self.direction == "adam":
+                self.m[s] = beta1 * self.m[s] + (1.0 - beta1) * grad[s]
+            if self.direction in ("adam", "rmsprop"):
+                self.v[s] = beta2 * self.v[s] + (1.0 - beta2) * grad[s] ** 2
+
+    def vectors(self, grad: Tensor) -> tuple[Tensor, Tensor]:
+        """(d, u): the direction the parabola is fitted along, and the one the step follows."""
+        d, u = grad.clone(), grad.clone()
+        for group in self.groups:
+            s = slice(group.start, group.end)
+            beta1, beta2 = group.betas
+            if self.direction == "momentum":
+                u[s] = self.m[s]
+            if self.direction in ("adam", "rmsprop"):
+                denominator = torch.sqrt(self.v[s] / (1.0 - beta2**self.t)) + group.eps
+                d[s] = grad[s] / denominator
+                u[s] = d[s]
+                if self.direction == "adam":
+                    u[s] = self.m[s] / (1.0 - beta1**self.t) / denominator
+        if self.mode == "paper":  # QLABGrad (v1) fits along the direction itself
+            d = u
+        return d, u
+
+    def edge(self) -> float:
+        """The stability edge of the update, in fitted minimisers (the smallest over groups)."""
+        if self.direction == "momentum":
+            return min(2.0 * (1.0 + g.momentum) for g in self.groups)
+        if self.direction == "adam":
+            return min(2.0 * (1.0 + g.betas[0]) / (1.0 - g.betas[0]) for g in self.groups)
+        return 2.0
 
     # -------------------------------------------------------------------- the step
     def skip(self, event: str) -> None:
         self.events[event] += 1
         self.last = ReferenceStep(self.steps, 0.0, self.trial_distance, math.nan, event, 0)
 
+    def move(self, w: Tensor, u: Tensor, a: float) -> Tensor:
+        new_w = w.clone()
+        for group in self.groups:
+            s = slice(group.start, group.end)
+            new_w[s] = w[s] * (1.0 - a * group.weight_decay) - a * u[s]
+        return new_w
+
     def step(self, w: Tensor, loss: float, grad: Tensor, loss_at: Callable[[Tensor], float]) -> Tensor:
         """One QLAB step from ``w``; returns the new parameter vector (``w`` itself if skipped)."""
         assert w.dtype == torch.float64 and grad.dtype == torch.float64
         self.steps += 1
-        grad_sq = float(torch.dot(grad, grad))
-        if not math.isfinite(grad_sq):
+        self.t += 1
+        finite = bool(torch.isfinite(grad).all())
+        if self.warm_started and (self.steps - 1) % self.probe_every != 0:
+            # A step that does not probe: only a non-finite gradient skips it.
+            a = self.trial_distance
+            self.last = ReferenceStep(self.steps, a, math.nan, math.nan, None, 0)
+            if not finite:
+                self.events["nonfinite_gradient"] += 1
+                return w
+            self.update_moments(grad)
+            return self.move(w, self.vectors(grad)[1], a)
+
+        grad_sq = float(torch.dot(grad, grad)) if finite else math.inf
+        if not finite:
             self.skip("nonfinite_gradient")
-            return w
-        if not math.isfinite(loss):
-            self.skip("nonfinite_loss")
             return w
         if grad_sq == 0.0:
             self.skip("zero_gradient")
             return w
-        d = self.descent_direction(grad)
+        if not math.isfinite(loss):
+            self.skip("nonfinite_loss")
+            return w
+        self.update_moments(grad)
+        d, u = self.vectors(grad)
         g_dot_d = float(torch.dot(grad, d))
-        if self.direction != "sgd" and not g_dot_d > 0.0:
+        if not g_dot_d > 0.0:
             self.skip("not_descent")
             return w
 
@@ -243,16 +288,29 @@ class ReferenceQLAB:
                 trial = trial_loss(beta)
                 decision = rule(loss, trial, g_dot_d, beta, self.mode)
                 probes += 1
-            self.warm_started = True
             self.events["warm_start_probes"] += probes - 1
 
-        a = decision.step_size
-        new_w = w.clone()
-        for group in self.groups:
-            s = slice(group.start, group.end)
-            new_w[s] = w[s] * (1.0 - a * group.weight_decay) - a * d[s]
+        event = decision.event
+        if self.mode == "paper" or not self.warm_started:
+            a, self.trial_distance = decision.step_size, decision.next_trial_distance
+            self.warm_started = True
+        elif decision.event == "nonfinite_trial":
+            a, self.trial_distance = 0.0, decision.next_trial_distance  # halve, estimate afresh
+            self.log_sum = self.weight = 0.0
+        else:
+            first = self.weight == 0.0
+            self.log_sum = ESTIMATE_MEMORY * self.log_sum + (1 - ESTIMATE_MEMORY) * math.log(decision.step_size)
+            self.weight = ESTIMATE_MEMORY * self.weight + (1 - ESTIMATE_MEMORY)
+            smoothed = math.exp(self.log_sum / self.weight)
+            held = self.trial_distance
+            if held > self.edge() / 2 * smoothed:
+                held = self.edge() / 2 * smoothed
+                self.events["stability_edge"] += 1
+                event = event or "stability_edge"
+            else:
+                held = smoothed if first else max(held, smoothed)
+            a = self.trial_distance = held
         if decision.event is not None:
             self.events[decision.event] += 1
-        self.trial_distance = decision.next_trial_distance
-        self.last = ReferenceStep(self.steps, a, beta, decision.curvature, decision.event, probes)
-        return new_w
+        self.last = ReferenceStep(self.steps, a, beta, decision.curvature, event, probes)
+        return self.move(w, u, a)

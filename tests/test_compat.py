@@ -108,6 +108,75 @@ def _foreach_mul() -> None:
     assert tensors[0].tolist() == [0.5, 0.5] and tensors[1].tolist() == [1.0, 1.0, 1.0]
 
 
+
+@check(_compat.foreach_add_)
+def _foreach_add() -> None:
+    tensors = [torch.ones(2), torch.zeros(3)]
+    _compat.foreach_add_(tensors, [torch.ones(2), torch.ones(3)], alpha=-2.0)
+    assert tensors[0].tolist() == [-1.0, -1.0] and tensors[1].tolist() == [-2.0, -2.0, -2.0]
+    _compat.foreach_add_(tensors, 1.0)
+    assert tensors[0].tolist() == [0.0, 0.0]
+
+
+@check(_compat.foreach_addcmul_)
+def _foreach_addcmul() -> None:
+    tensors = [torch.ones(2)]
+    _compat.foreach_addcmul_(tensors, [torch.full((2,), 2.0)], [torch.full((2,), 3.0)], value=0.5)
+    assert tensors[0].tolist() == [4.0, 4.0]
+
+
+@check(_compat.foreach_div)
+def _foreach_div() -> None:
+    quotients = _compat.foreach_div([torch.full((2,), 3.0)], [torch.full((2,), 2.0)])
+    assert quotients[0].tolist() == [1.5, 1.5]
+
+
+@check(_compat.foreach_div_)
+def _foreach_div_() -> None:
+    tensors = [torch.full((2,), 3.0)]
+    _compat.foreach_div_(tensors, 4.0)
+    assert tensors[0].tolist() == [0.75, 0.75]
+
+
+@check(_compat.foreach_sqrt)
+def _foreach_sqrt() -> None:
+    assert _compat.foreach_sqrt([torch.full((2,), 9.0)])[0].tolist() == [3.0, 3.0]
+
+
+@check(_compat.foreach_norm)
+def _foreach_norm() -> None:
+    norms = _compat.foreach_norm([torch.tensor([3.0, 4.0]), torch.tensor([1e30, 1e30])], torch.float64)
+    assert norms[0].dtype == torch.float64 and norms[0].item() == 5.0
+    assert norms[1].item() == pytest.approx(2**0.5 * 1e30)  # float64 accumulation: no overflow
+
+
+@check(_compat.fused_adamw_)
+def _fused_adamw() -> None:
+    w, g = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 0.25])
+    m, v, step = torch.zeros(2), torch.zeros(2), torch.tensor(1.0)
+    _compat.fused_adamw_([w], [g], [m], [v], [step], lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0,
+                         eps=1e-8, found_inf=torch.zeros(()))
+    # The first bias-corrected step moves every coordinate by lr sign(g), up to eps.
+    torch.testing.assert_close(w, torch.tensor([0.9, -2.1]))
+    torch.testing.assert_close(m, 0.1 * g)
+    torch.testing.assert_close(v, 0.01 * g * g)
+    _compat.fused_adamw_([w], [g], [m], [v], [step + 1], lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0,
+                         eps=1e-8, found_inf=torch.ones(()))
+    torch.testing.assert_close(w, torch.tensor([0.9, -2.1]))  # skipped on the device
+
+
+@check(_compat.fused_sgd_)
+def _fused_sgd() -> None:
+    w, g, buffer = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 0.25]), torch.tensor([1.0, 1.0])
+    _compat.fused_sgd_([w], [g], [buffer], momentum=0.5, lr=0.1, found_inf=torch.zeros(()))
+    torch.testing.assert_close(buffer, torch.tensor([1.0, 0.75]))  # 0.5 * 1 + g
+    torch.testing.assert_close(w, torch.tensor([0.9, -2.075]))
+    _compat.fused_sgd_([w], [g], [], momentum=0.0, lr=0.1, found_inf=torch.zeros(()))
+    torch.testing.assert_close(w, torch.tensor([0.85, -2.1]))
+    _compat.fused_sgd_([w], [g], [], momentum=0.0, lr=0.1, found_inf=torch.ones(()))
+    torch.testing.assert_close(w, torch.tensor([0.85, -2.1]))  # skipped on the device
+
+
 # ------------------------------------------------------------------------------ Lightning
 @check(_compat.attached_trainer)
 def _attached_trainer() -> None:

@@ -329,7 +329,8 @@ def test_resuming_from_a_checkpoint_is_bitwise_identical_to_an_uninterrupted_run
     assert expected.keys() == got.keys()
     for key in expected:
         if isinstance(expected[key], torch.Tensor):
-            assert torch.equal(got[key], expected[key]), key
+            # rtol = atol = 0: bitwise; the losses of the steps that did not probe are NaN
+            torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, equal_nan=True, msg=key)
         else:
             assert got[key] == expected[key], key
     assert len(resumed_monitor.steps) == 8
@@ -425,7 +426,7 @@ def test_the_mixin_must_come_before_lightning_module():
     [
         (dict(direction="lion"), "unknown direction 'lion'"),
         (dict(mode="fast"), "unknown mode 'fast'"),
-        (dict(initial_step=0.0), "initial_step must be a positive number"),
+        (dict(initial_step=0.0), "initial_step must be positive and finite"),
         (dict(accumulate_batches=0), "accumulate_batches must be an integer >= 1"),
         (dict(accumulate_batches=2.0), "accumulate_batches must be an integer >= 1"),
         (dict(gradient_clip_norm=-1.0), "gradient_clip_norm must be None"),

@@ -23,13 +23,15 @@ def regression_problem(seed: int = 0):
 @pytest.mark.parametrize("direction", ["sgd", "rmsprop", "momentum", "adam"])
 def test_lr_and_last_step_tell_the_truth(direction: str, mode: str) -> None:
     """After every step: param_group["lr"] is the step taken, last_step's fields are the
-    quantities of the rule, and the event counters add up to the per-step events."""
+    quantities of the rule (NaN where a step did not probe and nothing was measured), and the
+    event counters add up to the per-step events."""
     model, batches = regression_problem()
     opt = QLAB(
         [{"params": model[0].parameters(), "weight_decay": 0.01}, {"params": model[2].parameters()}],
         initial_step=1e-2,
         direction=direction,
         mode=mode,
+        probe_every=3 if mode == "safeguarded" else None,
     )
     tally = {name: 0 for name in EVENTS}
     previous_step_size = None
@@ -52,7 +54,11 @@ def test_lr_and_last_step_tell_the_truth(direction: str, mode: str) -> None:
         assert [group["lr"] for group in opt.param_groups] == [last.step_size] * 2
         assert isinstance(opt.param_groups[0]["lr"], float)
         assert last.step == step == opt.steps
-        if last.event == "not_descent":
+        probing = mode == "paper" or step % 3 == 1
+        if not probing:  # the held step, and no trial forward
+            assert last.probes == 0 and trial_values == [] and last.step_size == previous_step_size
+            assert all(math.isnan(v) for v in (last.loss, last.trial_loss, last.slope, last.curvature))
+        elif last.event == "not_descent":
             assert last.step_size == 0.0 and last.slope >= 0
         else:
             assert last.loss == pytest.approx(loss.item(), rel=1e-7)
@@ -71,12 +77,16 @@ def test_lr_and_last_step_tell_the_truth(direction: str, mode: str) -> None:
         if last.step_size > 0:
             previous_step_size = last.step_size
         assert opt.events == tally
-        assert last.as_dict()["step_size"] == last.step_size
+        assert opt.state_dict()["qlab"]["last_step"] == last.as_dict()  # checkpoints keep it
 
 
-def test_event_counters_count_each_kind_of_skip() -> None:
+@pytest.mark.parametrize("probe_every", [1, 8])
+def test_event_counters_count_each_kind_of_skip(probe_every: int) -> None:
+    """Probing every step, every kind of skip is seen. Probing one step in 8, the steps between
+    probes read nothing: a non-finite gradient is skipped on the device and counted at the next
+    read; a non-finite loss or a zero gradient (which the step does not use) is not looked at."""
     model, batches = regression_problem()
-    opt = QLAB(model.parameters())
+    opt = QLAB(model.parameters(), probe_every=probe_every)
     x, y = batches[0]
 
     def loss_fn() -> torch.Tensor:
@@ -98,10 +108,14 @@ def test_event_counters_count_each_kind_of_skip() -> None:
     for kind in [None, "gradient", "loss", "gradient", "zero", None, "loss"]:
         step(kind)
     skip_events = ("nonfinite_gradient", "nonfinite_loss", "zero_gradient")
+    saved = opt.state_dict()["qlab"]["events"]
     skips = {k: v for k, v in opt.events.items() if k in skip_events}
-    assert skips == {"nonfinite_gradient": 2, "nonfinite_loss": 2, "zero_gradient": 1}
+    if probe_every == 1:
+        assert skips == {"nonfinite_gradient": 2, "nonfinite_loss": 2, "zero_gradient": 1}
+    else:
+        assert skips == {"nonfinite_gradient": 2, "nonfinite_loss": 0, "zero_gradient": 0}
     assert opt.steps == 7
-    assert opt.state_dict()["qlab"]["events"] == opt.events
+    assert saved == opt.events
 
 
 def test_reduce_losses_receives_both_losses_and_its_result_is_used() -> None:
@@ -110,7 +124,7 @@ def test_reduce_losses_receives_both_losses_and_its_result_is_used() -> None:
     results = []
     for reduce in (None, "identity"):
         model, batches = regression_problem()
-        opt = QLAB(model.parameters())
+        opt = QLAB(model.parameters(), probe_every=1)
         seen = []
 
         def identity(losses: torch.Tensor) -> torch.Tensor:
@@ -141,6 +155,23 @@ def test_reduce_losses_receives_both_losses_and_its_result_is_used() -> None:
     assert opt.last_step.event == "nonfinite_loss" and opt.events["nonfinite_loss"] == 1
     for p, q in zip(model.parameters(), before):
         torch.testing.assert_close(p.detach(), q, rtol=0, atol=1e-6)
+
+
+def test_steps_between_probes_call_neither_the_trial_nor_reduce_losses() -> None:
+    """Only the steps that probe (the first, then one in PROBE_EVERY) need the losses."""
+    model, batches = regression_problem()
+    opt = QLAB(model.parameters())
+    trials, reductions = [], []
+    for step in range(1, 18):
+        x, y = batches[step % len(batches)]
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step(loss, lambda: trials.append(step) or nn.functional.mse_loss(model(x), y),
+                 reduce_losses=lambda losses: reductions.append(step) or losses)
+    probing = [1, 9, 17]
+    assert sorted(set(trials)) == probing and trials.count(9) == trials.count(17) == 1
+    assert sorted(set(reductions)) == probing
 
 
 def test_closure_is_called_first_with_gradients_enabled() -> None:

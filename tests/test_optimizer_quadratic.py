@@ -1,8 +1,9 @@
 """On a quadratic the QLAB rule is exact line search: the sharpest test of the step size.
 
 For f(w) = 1/2 w^T H w - k^T w the loss along -d is exactly a parabola, so the fitted minimiser
-is the exact line-search step (g . d) / (d^T H d). The direction d is computed here from its
-textbook formula (not read back from the optimizer's displacement), in float64.
+is the exact line-search step (g . d) / (d^T H d). The directions d (fitted along) and u (stepped
+along) are computed here from their textbook formulas (not read back from the optimizer's
+displacement), in float64.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from lightning_qlab.optimizer import GROWTH_LIMIT, QLAB, solve_step_size
+from lightning_qlab.optimizer import GROWTH_LIMIT, QLAB, StepEstimate, StepSolution, next_held_step, solve_step_size
 
 DIM = (5, 3)  # the parameter vector is split into two tensors, in two groups
 GROUP_OPTIONS = [
@@ -35,47 +36,50 @@ def random_quadratic(eigenvalues: list[float], seed: int) -> tuple[Tensor, Tenso
 
 
 class TextbookDirection:
-    """d from the direction's formula, group by group, in float64."""
+    """(d, u) from the direction's formula, group by group, in float64: d the direction the
+    parabola is fitted along, u the one the step follows."""
 
-    def __init__(self, direction: str) -> None:
+    def __init__(self, direction: str, mode: str) -> None:
         self.direction = direction
+        self.mode = mode
         self.t = 0
         self.m: list[Tensor] = [torch.zeros(n, dtype=torch.float64) for n in DIM]
         self.v: list[Tensor] = [torch.zeros(n, dtype=torch.float64) for n in DIM]
 
-    def __call__(self, grad: Tensor) -> Tensor:
+    def __call__(self, grad: Tensor) -> tuple[Tensor, Tensor]:
         parts = list(torch.split(grad, DIM))
-        if self.direction == "sgd":
-            return grad.clone()
         self.t += 1
-        out = []
+        if self.direction == "sgd":
+            return grad.clone(), grad.clone()
+        probe, step = [], []
         for i, (g, options) in enumerate(zip(parts, GROUP_OPTIONS)):
             if self.direction == "momentum":
                 self.m[i] = options["momentum"] * self.m[i] + g
-                out.append(self.m[i])
-            else:
-                beta1, beta2 = options["betas"]
-                if self.direction == "rmsprop":  # no first moment
-                    beta1 = 0.0
-                self.m[i] = beta1 * self.m[i] + (1 - beta1) * g
-                self.v[i] = beta2 * self.v[i] + (1 - beta2) * g * g
-                m_hat = self.m[i] / (1 - beta1**self.t)
-                v_hat = self.v[i] / (1 - beta2**self.t)
-                out.append(m_hat / (v_hat.sqrt() + options["eps"]))
-        return torch.cat(out)
+                probe.append(g)
+                step.append(self.m[i])
+                continue
+            beta1, beta2 = options["betas"]
+            self.m[i] = beta1 * self.m[i] + (1 - beta1) * g
+            self.v[i] = beta2 * self.v[i] + (1 - beta2) * g * g
+            denominator = (self.v[i] / (1 - beta2**self.t)).sqrt() + options["eps"]
+            probe.append(g / denominator)
+            momentum = self.m[i] / (1 - beta1**self.t) / denominator
+            step.append(momentum if self.direction == "adam" else g / denominator)
+        d, u = torch.cat(probe), torch.cat(step)
+        return (u, u) if self.mode == "paper" else (d, u)
 
 
-def make_optimizer(w0: Tensor, direction: str, mode: str, initial_step: float):
+def make_optimizer(w0: Tensor, direction: str, mode: str, initial_step: float, probe_every=None):
     params = [torch.nn.Parameter(part.clone()) for part in torch.split(w0, DIM)]
     groups = [{"params": [p], **options} for p, options in zip(params, GROUP_OPTIONS)]
-    return params, QLAB(groups, initial_step=initial_step, direction=direction, mode=mode)
+    return params, QLAB(groups, initial_step=initial_step, direction=direction, mode=mode, probe_every=probe_every)
 
 
 def quadratic_steps(hessian: Tensor, k: Tensor, w0: Tensor, direction: str, mode: str,
-                    initial_step: float, steps: int):
-    """Run QLAB on f; yield (w before, g, d, step size taken, last_step) per step."""
-    params, opt = make_optimizer(w0, direction, mode, initial_step)
-    textbook = TextbookDirection(direction)
+                    initial_step: float, steps: int, probe_every=None):
+    """Run QLAB on f; yield (w before, g, d, u, step size taken, last_step) per step."""
+    params, opt = make_optimizer(w0, direction, mode, initial_step, probe_every)
+    textbook = TextbookDirection(direction, mode)
 
     def f() -> Tensor:
         w = torch.cat(params)
@@ -84,23 +88,23 @@ def quadratic_steps(hessian: Tensor, k: Tensor, w0: Tensor, direction: str, mode
     for _ in range(steps):
         w = torch.cat([p.detach() for p in params])
         grad = hessian @ w - k
-        d = textbook(grad)
+        d, u = textbook(grad)
         opt.zero_grad()
         loss = f()
         loss.backward()
         opt.step(loss, f)
         w_new = torch.cat([p.detach() for p in params])
         a = opt.last_step.step_size
-        # The parameters moved by exactly -a d, with d from the textbook formula.
-        assert (w_new - (w - a * d)).abs().max() <= 1e-12 * w.abs().max()
-        yield w, grad, d, a, opt.last_step
+        # The parameters moved by exactly -a u, with u from the textbook formula.
+        assert (w_new - (w - a * u)).abs().max() <= 1e-12 * w.abs().max()
+        yield w, grad, d, u, a, opt.last_step
 
 
 @pytest.mark.parametrize("direction", ["sgd", "rmsprop", "momentum", "adam"])
 def test_paper_mode_is_exact_line_search(direction: str) -> None:
     hessian, k, w0 = random_quadratic([1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.0, 10.0], seed=0)
     seen = 0
-    for _, grad, d, a, last in quadratic_steps(hessian, k, w0, direction, "paper", 1e-2, steps=12):
+    for _, grad, d, _, a, last in quadratic_steps(hessian, k, w0, direction, "paper", 1e-2, steps=12):
         if last.event == "not_descent":  # momentum/Adam may point uphill; QLAB then skips
             assert a == 0.0 and grad @ d <= 0
             continue
@@ -112,31 +116,47 @@ def test_paper_mode_is_exact_line_search(direction: str) -> None:
     assert seen >= 8
 
 
+# The stability edges over the two groups of GROUP_OPTIONS: the smaller one applies.
+EDGES = {"sgd": 2.0, "rmsprop": 2.0, "momentum": 2.0 * (1 + 0.5), "adam": 2.0 * (1 + 0.8) / (1 - 0.8)}
+
+
 @pytest.mark.parametrize("direction", ["sgd", "rmsprop", "momentum", "adam"])
-def test_safeguarded_mode_is_line_search_with_bounded_growth(direction: str) -> None:
-    """Exact line search, except that a step more than GROWTH_LIMIT times the previous one is
-    capped there; the first step (warm start) lands on the exact step from any initial step."""
+def test_safeguarded_mode_fits_exactly_and_holds_the_step(direction: str) -> None:
+    """The first step (warm start) is the exact line-search step from any initial step; every
+    later probe fits the exact minimiser along d (capped at GROWTH_LIMIT times the probed
+    distance); the held step follows next_held_step from those minimisers, and the steps between
+    probes move by exactly -a u with the held a."""
     hessian, k, w0 = random_quadratic([1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 50.0, 100.0], seed=5)
-    previous = None
-    capped = 0
-    for _, grad, d, a, last in quadratic_steps(hessian, k, w0, direction, "safeguarded", 1e-7, steps=12):
-        if last.event == "not_descent":
-            assert a == 0.0 and grad @ d <= 0
-            continue
+    held, estimate = None, StepEstimate()
+    probes = 0
+    edge = EDGES[direction]
+    for step, (_, grad, d, _, a, last) in enumerate(
+            quadratic_steps(hessian, k, w0, direction, "safeguarded", 1e-7, steps=25, probe_every=4)):
         exact = ((grad @ d) / (d @ hessian @ d)).item()
-        if previous is None:
+        if step == 0:
             assert last.probes == 2  # 1e-7 -> exact minimiser -> confirmed there
-            expected = exact
-        else:
-            expected = min(exact, GROWTH_LIMIT * previous)
-        if previous is not None and exact > GROWTH_LIMIT * previous:
-            assert last.event == "extrapolation_capped"
-            capped += 1
-        else:
-            assert last.event is None
+            assert a == pytest.approx(exact, rel=1e-10, abs=0.0)
+            held = a
+            continue
+        if step % 4:  # no probe: the held step, nothing measured
+            assert last.probes == 0 and math.isnan(last.curvature)
+            assert a == held
+            continue
+        probes += 1
+        assert last.trial_distance == held
+        assert last.curvature == pytest.approx((d @ hessian @ d).item() / 2, rel=1e-8)
+        fitted = min(exact, GROWTH_LIMIT * held)
+        expected, estimate, _ = next_held_step(held, estimate, _exact_solution(fitted, held), edge)
         assert a == pytest.approx(expected, rel=1e-10, abs=0.0)
-        previous = a
-    assert capped >= 1, "this problem is meant to exercise the extrapolation bound"
+        assert a <= edge / 2 * estimate.value * (1 + 1e-10)
+        held = a
+    assert probes == 6
+
+
+def _exact_solution(fitted: float, beta: float) -> StepSolution:
+    """What solve_step_size returns for an exact parabola with this (capped) minimiser."""
+    capped = fitted == GROWTH_LIMIT * beta
+    return StepSolution(fitted, fitted, 1.0, fitted, "extrapolation_capped" if capped else None)
 
 
 def test_paper_mode_on_an_indefinite_quadratic_keeps_the_step_where_the_curvature_is_negative() -> None:
@@ -149,7 +169,7 @@ def test_paper_mode_on_an_indefinite_quadratic_keeps_the_step_where_the_curvatur
     w0 = eigenvectors @ torch.tensor([1e-4, 1e-4, 2.0, -3.0, 1.0, 2.5, -1.0, 1.5], dtype=torch.float64)
     beta = 1e-2
     branches = []
-    for _, grad, d, a, last in quadratic_steps(hessian, k, w0, "sgd", "paper", beta, steps=12):
+    for _, grad, d, _, a, last in quadratic_steps(hessian, k, w0, "sgd", "paper", beta, steps=12):
         d_h_d = (d @ hessian @ d).item()
         assert last.trial_distance == beta
         if d_h_d > 0:
@@ -165,7 +185,7 @@ def test_paper_mode_on_an_indefinite_quadratic_keeps_the_step_where_the_curvatur
 
 def test_paper_mode_on_a_concave_quadratic_steps_the_initial_distance_forever() -> None:
     hessian, k, w0 = random_quadratic([-1.0, -2.0, -3.0, -4.0, -5.0, -6.0, -7.0, -8.0], seed=3)
-    for w, grad, d, a, last in quadratic_steps(hessian, k, w0, "momentum", "paper", 0.05, steps=6):
+    for w, grad, d, _, a, last in quadratic_steps(hessian, k, w0, "momentum", "paper", 0.05, steps=6):
         assert last.event == "negative_curvature"
         assert a == 0.05
         assert last.curvature == pytest.approx((d @ hessian @ d).item() / 2, rel=1e-8)
@@ -179,7 +199,7 @@ def test_weight_decay_is_decoupled_from_the_fitted_step(direction: str) -> None:
     decays = (0.1, 0.0)
     for group, decay in zip(opt.param_groups, decays):
         group["weight_decay"] = decay
-    textbook = TextbookDirection(direction)
+    textbook = TextbookDirection(direction, "paper")
 
     def f() -> Tensor:
         w = torch.cat(params)
@@ -188,7 +208,7 @@ def test_weight_decay_is_decoupled_from_the_fitted_step(direction: str) -> None:
     for _ in range(6):
         w = torch.cat([p.detach() for p in params])
         grad = hessian @ w - k
-        d = textbook(grad)
+        d, _ = textbook(grad)
         opt.zero_grad()
         loss = f()
         loss.backward()

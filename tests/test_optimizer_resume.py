@@ -120,5 +120,5 @@ def test_resume_restores_the_warm_start_and_the_trial_distance() -> None:
     resumed.load_state_dict(state)
     assert resumed.warm_started and resumed.trial_distance == opt.trial_distance
     assert resumed.steps == 5 and resumed.events == opt.events
-    train(model, resumed, 5, 1)
+    train(model, resumed, 5, 4)  # step 9 probes again (one in PROBE_EVERY = 8), at the held step
     assert resumed.last_step.probes == 1 and resumed.last_step.trial_distance == opt.trial_distance

@@ -5,6 +5,7 @@ outside, is tested in tests/test_resume_cli.py."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -61,7 +62,8 @@ def assert_same_training_state(one: dict[str, Any], other: dict[str, Any]) -> No
         for name in one[key]:
             assert torch.equal(one[key][name], other[key][name]), (key, name)
     mine, theirs = one["optimizer_states"][0], other["optimizer_states"][0]
-    assert mine["qlab"] == theirs["qlab"]
+    # json: the last step's fit is NaN on a step that did not probe, and NaN != NaN
+    assert json.dumps(mine["qlab"], sort_keys=True) == json.dumps(theirs["qlab"], sort_keys=True)
     for index, state in mine["state"].items():
         for name, value in state.items():
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(theirs["state"][index][name])), (index, name)

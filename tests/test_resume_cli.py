@@ -5,6 +5,7 @@ archives and YAML files are one error line, with a non-zero exit and no run fold
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import random
 import shutil
@@ -88,7 +89,8 @@ def assert_same_training_state(one: dict[str, Any], other: dict[str, Any]) -> No
         for name in one[key]:
             assert torch.equal(one[key][name], other[key][name]), (key, name)
     (mine,), (theirs,) = one["optimizer_states"], other["optimizer_states"]
-    assert mine["qlab"] == theirs["qlab"]  # steps, trial distance, event counts, last step
+    # steps, held step, estimate, event counts, last step (json: its fit is NaN where it did not probe)
+    assert json.dumps(mine["qlab"], sort_keys=True) == json.dumps(theirs["qlab"], sort_keys=True)
     assert mine["param_groups"] == theirs["param_groups"]
     for index, state in mine["state"].items():
         for name, value in state.items():

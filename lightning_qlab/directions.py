@@ -1,0 +1,196 @@
+"""The directions QLAB fits and steps along, one small class each, in one table.
+
+Every direction keeps its per-parameter state (moment buffers) and answers three questions:
+
+* ``probe``: the vector ``d`` the parabola is fitted along. In ``"safeguarded"`` mode it is a
+  descent direction for the current mini-batch (``g`` or the RMS-scaled ``g``), so the fit is
+  meaningful; in ``"paper"`` mode it is the direction itself, as QLABGrad (v1) fits it.
+* ``step``: the vector ``u`` the parameters move along by the step size. For ``sgd`` and
+  ``rmsprop`` it is ``d``; ``momentum`` and ``adam`` step along their momentum, which carries
+  past gradients.
+* ``edge``: how many fitted minimisers the step can be before the update diverges on a
+  quadratic (the stability edge): 2 without momentum; ``2 (1 + mu)`` for the heavy ball;
+  ``2 (1 + beta1) / (1 - beta1)`` for Adam's averaged momentum (Cohen et al., "Adaptive
+  gradient methods at the edge of stability", 2022).
+
+The moment updates take a device scalar ``keep`` (1.0, or 0.0 for a step to be skipped): a
+non-finite gradient must change nothing, and that is only known on the device until QLAB reads
+it. Gradients are made finite before (see :func:`finite_gradients`), so ``keep = 0`` turns the
+update into the identity without a read.
+
+:meth:`Direction.fused_step` takes a whole step without reading anything from the device, with
+torch's fused Adam/SGD kernels: ``found_inf`` skips it on the device when the gradient is not
+finite, as ``torch.amp.GradScaler`` does.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_qlab import _compat
+from lightning_qlab._checks import wide_dtype
+
+__all__ = ["DIRECTIONS", "Direction", "finite_gradients"]
+
+
+def finite_gradients(grads: list[Tensor]) -> Tensor:
+    """``|g|^2`` (a device scalar, float32 or wider, inf/NaN when an entry is); then non-finite
+    entries are set to 0 in place, so that a step that will be skipped can still be computed
+    harmlessly."""
+    dtype = wide_dtype(grads[0].dtype)
+    squared_norm = torch.stack(_compat.foreach_norm(grads, dtype)).square().sum()
+    for grad in grads:
+        grad.nan_to_num_(0.0, 0.0, 0.0)
+    return squared_norm
+
+
+def _decay(rate: float, keep: Tensor) -> Tensor:
+    """``rate`` where the step is kept, 1.0 where it is skipped (a device scalar)."""
+    return keep * rate + (1.0 - keep)
+
+
+class Direction:
+    """One direction. Subclasses say which buffers they keep and how they use them."""
+
+    name = ""
+    buffers: tuple[str, ...] = ()
+
+    def edge(self, group: dict[str, Any]) -> float:
+        return 2.0
+
+    def update_moments(self, group: dict, states: list[dict], grads: list[Tensor], keep: Tensor, t: int) -> None:
+        """Add this step's gradient to the buffers (nothing when ``keep`` is 0)."""
+
+    def probe(self, group: dict, states: list[dict], grads: list[Tensor], t: int, paper: bool) -> list[Tensor]:
+        raise NotImplementedError
+
+    def step(self, group: dict, states: list[dict], grads: list[Tensor], t: int, probed: list[Tensor]) -> list[Tensor]:
+        return probed
+
+    def fused_step(self, group: dict, params: list[Tensor], grads: list[Tensor], states: list[dict], lr: float,
+                   found_inf: Tensor, steps: list[Tensor]) -> None:
+        raise NotImplementedError
+
+
+class SGD(Direction):
+    """``d = u = g``: QLABGrad as published."""
+
+    name = "sgd"
+
+    def probe(self, group, states, grads, t, paper):
+        return grads
+
+    def fused_step(self, group, params, grads, states, lr, found_inf, steps):
+        _decay_weights(group, params, lr, found_inf)
+        _compat.fused_sgd_(params, grads, [], momentum=0.0, lr=lr, found_inf=found_inf)
+
+
+class Momentum(Direction):
+    """The heavy ball: ``m <- mu m + g``; probes along ``g`` (the fit along ``m`` in paper mode),
+    steps along ``m``."""
+
+    name = "momentum"
+    buffers = ("momentum_buffer",)
+
+    def edge(self, group):
+        return 2.0 * (1.0 + group["momentum"])
+
+    def update_moments(self, group, states, grads, keep, t):
+        buffers = [s["momentum_buffer"] for s in states]
+        _compat.foreach_mul_(buffers, _decay(group["momentum"], keep))
+        _compat.foreach_add_(buffers, grads)  # a zeroed gradient adds nothing
+
+    def probe(self, group, states, grads, t, paper):
+        return [s["momentum_buffer"] for s in states] if paper else grads
+
+    def step(self, group, states, grads, t, probed):
+        return [s["momentum_buffer"] for s in states]
+
+    def fused_step(self, group, params, grads, states, lr, found_inf, steps):
+        _decay_weights(group, params, lr, found_inf)
+        buffers = [s["momentum_buffer"] for s in states]
+        _compat.fused_sgd_(params, grads, buffers, momentum=group["momentum"], lr=lr, found_inf=found_inf)
+
+
+class RMSprop(Direction):
+    """``d = u = g / (sqrt(v_hat) + eps)``, ``v`` the running mean of ``g^2`` at rate
+    ``betas[1]``, bias-corrected as in Adam."""
+
+    name = "rmsprop"
+    buffers = ("exp_avg_sq",)
+
+    def update_moments(self, group, states, grads, keep, t):
+        beta2 = group["betas"][1]
+        squares = [s["exp_avg_sq"] for s in states]
+        _compat.foreach_mul_(squares, _decay(beta2, keep))
+        _compat.foreach_addcmul_(squares, grads, grads, 1.0 - beta2)
+
+    def denominators(self, group, states, t):
+        """``sqrt(v_hat) + eps`` for every parameter."""
+        beta2 = group["betas"][1]
+        denominators = _compat.foreach_sqrt([s["exp_avg_sq"] for s in states])
+        _compat.foreach_div_(denominators, math.sqrt(1.0 - beta2**t))
+        _compat.foreach_add_(denominators, group["eps"])
+        return denominators
+
+    def probe(self, group, states, grads, t, paper):
+        return _compat.foreach_div(grads, self.denominators(group, states, t))
+
+    def fused_step(self, group, params, grads, states, lr, found_inf, steps):
+        # Adam's kernel with beta1 = 0 is this update; its first moment would just be a copy of the
+        # gradient, so the gradients serve as that buffer (the kernel writes g back into g).
+        _compat.fused_adamw_(params, grads, grads, [s["exp_avg_sq"] for s in states], steps, lr=lr,
+                             beta1=0.0, beta2=group["betas"][1], weight_decay=group["weight_decay"],
+                             eps=group["eps"], found_inf=found_inf)
+
+
+class Adam(RMSprop):
+    """Adam's ``u = m_hat / (sqrt(v_hat) + eps)``; probes along the RMS-scaled gradient (along
+    ``u`` itself in paper mode)."""
+
+    name = "adam"
+    buffers = ("exp_avg", "exp_avg_sq")
+
+    def edge(self, group):
+        beta1 = group["betas"][0]
+        return 2.0 * (1.0 + beta1) / (1.0 - beta1)
+
+    def update_moments(self, group, states, grads, keep, t):
+        beta1 = group["betas"][0]
+        averages = [s["exp_avg"] for s in states]
+        _compat.foreach_mul_(averages, _decay(beta1, keep))
+        _compat.foreach_add_(averages, grads, 1.0 - beta1)
+        super().update_moments(group, states, grads, keep, t)
+
+    def _momentum_direction(self, group, states, t, denominators):
+        directions = _compat.foreach_div([s["exp_avg"] for s in states], denominators)
+        _compat.foreach_div_(directions, 1.0 - group["betas"][0] ** t)
+        return directions
+
+    def probe(self, group, states, grads, t, paper):
+        denominators = self.denominators(group, states, t)
+        if paper:
+            return self._momentum_direction(group, states, t, denominators)
+        return _compat.foreach_div(grads, denominators)
+
+    def step(self, group, states, grads, t, probed):
+        return self._momentum_direction(group, states, t, self.denominators(group, states, t))
+
+    def fused_step(self, group, params, grads, states, lr, found_inf, steps):
+        _compat.fused_adamw_(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                             steps, lr=lr, beta1=group["betas"][0], beta2=group["betas"][1],
+                             weight_decay=group["weight_decay"], eps=group["eps"], found_inf=found_inf)
+
+
+def _decay_weights(group: dict, params: list[Tensor], lr: float, found_inf: Tensor) -> None:
+    """Decoupled weight decay ``w <- w (1 - lr lambda)``, not applied on a skipped step."""
+    if group["weight_decay"] != 0.0:
+        skipped = found_inf.to(wide_dtype(params[0].dtype))
+        _compat.foreach_mul_(params, 1.0 - lr * group["weight_decay"] * (1.0 - skipped))
+
+
+DIRECTIONS: dict[str, Direction] = {d.name: d for d in (Adam(), RMSprop(), SGD(), Momentum())}
