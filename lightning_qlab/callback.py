@@ -1,11 +1,11 @@
 r"""QLABMonitor: QLAB's per-step diagnostics in your loggers, warnings, and a plot at the end of fit.
 
-QLAB picks a new step size every step from a parabola fitted to two losses. When training goes
+QLAB picks its step size from a parabola fitted to two losses on the steps that probe. When training goes
 wrong, the first questions are what step size it chose, what distance it probed, what curvature
 it fitted, and whether its safeguards had to step in. This callback answers them:
 
-* every optimizer step it records the step size, the trial distance, the fitted curvature, the
-  training and trial losses and the safeguard event counts, and sends them to every logger of the
+* every optimizer step it records the step size and the safeguard event counts, and on the steps
+  that probe the trial distance, the fitted curvature and the training and trial losses, and sends them to every logger of the
   Trainer under ``qlab/...`` (on the steps allowed by ``Trainer(log_every_n_steps=...)``);
 * it warns once when the safeguards fire persistently, and when there is no QLAB to monitor;
 * at the end of fit it writes a PNG of the step size and the loss over training into the log folder;
@@ -42,7 +42,8 @@ _ADVICE = {
     "nonfinite_loss": " (check the data and the precision)",
     "zero_gradient": (" (the loss does not depend on the trainable parameters: a constant loss, "
                       "detached tensors, frozen parameters, or backward() not called before step())"),
-    "not_descent": " (use direction='rmsprop' or 'sgd', which always descend)",
+    "not_descent": (" (mode='paper' fits along the momentum or adam direction itself, which can point "
+                    "uphill; mode='safeguarded' always fits along a descent direction)"),
 }
 
 # The events a step can end with; warm-start probes are a count of forwards, not a step's outcome.
@@ -58,9 +59,10 @@ class QLABMonitor(Callback):
             matplotlib; without it there is one warning and no plot).
         plot_filename: name of that PNG, written into ``trainer.log_dir`` (the first logger's
             folder) or ``trainer.default_root_dir`` when there is no logger.
-        safeguard_window: the number of recent steps the safeguard warning looks at.
+        safeguard_window: the number of recent probing steps (one in ``probe_every``, where the
+            safeguards act) the safeguard warning looks at.
         safeguard_share: the safeguards fire "persistently" when at least this share of the last
-            ``safeguard_window`` steps ended with a safeguard event (an extrapolation cap, a
+            ``safeguard_window`` probing steps ended with a safeguard event (an extrapolation cap, a
             non-positive curvature, a non-finite loss or gradient, a skipped step). One warning
             per fit, naming the events.
 
@@ -71,8 +73,11 @@ class QLABMonitor(Callback):
         ``qlab/step_size`` (also in ``param_group["lr"]``; ``LearningRateMonitor`` reads that before
         each batch, so its value at step ``t`` is the step size of step ``t - 1``),
         ``qlab/trial_distance``, ``qlab/curvature``, ``qlab/loss``, ``qlab/trial_loss``,
-        ``qlab/probes`` and ``qlab/events/<name>``, the running count of each event. Values that
-        are not finite (the curvature of a skipped step) are left out; the event counts say why.
+        ``qlab/probes`` and ``qlab/events/<name>``, the running count of each event. The fit
+        (``trial_distance``, ``curvature``, ``loss``, ``trial_loss``) exists on the steps that
+        probe (one in ``probe_every``): QLAB reads nothing from the device on the others. Values
+        that are not finite (those, or the curvature of a skipped step) are left out; the event
+        counts say why.
 
     Example::
 
@@ -213,7 +218,8 @@ class QLABMonitor(Callback):
         self.step_sizes.append(last.step_size)
         self.losses.append(last.loss)
         self.event_codes.append(_NO_EVENT if last.event is None else STEP_EVENTS.index(last.event) + 1)
-        self._recent_events.append(last.event)
+        if last.probes > 0 or last.event is not None:  # the safeguards act where QLAB probes (or skips)
+            self._recent_events.append(last.event)
 
     def _warn_stall_once(self, last: QLABStep) -> None:
         # At once: every step is skipped while the gradient stays zero, and the loss does not move.
@@ -240,7 +246,7 @@ class QLABMonitor(Callback):
         # Every event that fired, with the optimizer's own account of it (EVENTS), and what to do.
         meanings = " ".join(f"'{name}': {EVENTS[name]}{_ADVICE.get(name, '')}." for name, _ in fired.most_common())
         rank_zero_warn(
-            f"QLABMonitor: QLAB's safeguards fired on {total} of the last {len(recent)} steps ({which}). "
+            f"QLABMonitor: QLAB's safeguards fired on {total} of the last {len(recent)} probing steps ({which}). "
             f"{meanings} The step sizes are in the logs under qlab/step_size.",
             category=RuntimeWarning,
         )
@@ -286,8 +292,10 @@ class QLABMonitor(Callback):
             top.set_yscale("log")
         top.set_ylabel("step size")
         top.legend(loc="best")
-        bottom.plot(steps, losses, linewidth=1, color="tab:green")
-        if all(value > 0 for value in losses if math.isfinite(value)):
+        # The loss is read on the steps that probe only (reading it on the others would stall a GPU).
+        probed = [(step, loss) for step, loss in zip(steps, losses) if math.isfinite(loss)]
+        bottom.plot([step for step, _ in probed], [loss for _, loss in probed], linewidth=1, color="tab:green")
+        if all(loss > 0 for _, loss in probed):
             bottom.set_yscale("log")
         bottom.set_ylabel("training loss (mini-batch)")
         bottom.set_xlabel("optimizer step")

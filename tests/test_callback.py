@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -17,7 +18,7 @@ from torch.utils.data import DataLoader
 from lightning_helpers import RegressionNet, quiet_trainer, regression_data
 from lightning_qlab.callback import QLABMonitor
 from lightning_qlab.mixin import QLABConfig
-from lightning_qlab.optimizer import EVENTS
+from lightning_qlab.optimizer import EVENTS, PROBE_EVERY
 
 
 def _metrics(logger: CSVLogger) -> dict[str, dict[int, float]]:
@@ -48,18 +49,23 @@ def test_logs_each_step_once_on_the_steps_lightning_logs(tmp_path, accumulate, s
     table = _metrics(logger)
 
     assert sorted(table["qlab/step_size"]) == expected_steps
-    keys = {"qlab/step_size", "qlab/trial_distance", "qlab/curvature", "qlab/loss", "qlab/trial_loss", "qlab/probes"}
-    assert keys | {f"qlab/events/{name}" for name in EVENTS} <= set(table)
-    # The logged values are the recorded steps' values; the history holds every step.
+    assert {"qlab/step_size", "qlab/probes"} | {f"qlab/events/{name}" for name in EVENTS} <= set(table)
+    # The history holds every step; the fit (and the loss) exists on the steps that probe only:
+    # the first, then one in PROBE_EVERY.
     assert len(monitor.steps) == trainer.global_step == len(step_batches)
+    probing = [i for i, loss in enumerate(monitor.losses) if math.isfinite(loss)]
+    assert probing == list(range(0, len(step_batches), PROBE_EVERY))
+    # The logged values are the recorded steps' values, the fit's only where it exists.
     by_batch = {batch: i for i, batch in enumerate(step_batches)}
     for step in expected_steps:
-        assert table["qlab/step_size"][step] == monitor.step_sizes[by_batch[step]]
-        assert table["qlab/loss"][step] == monitor.losses[by_batch[step]]
-    if accumulate == 1:
-        # QLAB's training loss is the loss the module logged for the same batch.
-        for step in expected_steps:
-            assert table["qlab/loss"][step] == table["train_loss"][step]
+        index = by_batch[step]
+        assert table["qlab/step_size"][step] == monitor.step_sizes[index]
+        for key in ("qlab/loss", "qlab/trial_loss", "qlab/trial_distance", "qlab/curvature"):
+            assert (step in table.get(key, {})) == (index in probing), (key, step)
+        if index in probing:
+            assert table["qlab/loss"][step] == monitor.losses[index]
+            if accumulate == 1:  # QLAB's training loss is the loss the module logged for the same batch
+                assert table["qlab/loss"][step] == table["train_loss"][step]
     probes = trainer.optimizers[0].events["warm_start_probes"]
     assert table["qlab/events/warm_start_probes"][expected_steps[-1]] == probes
 
@@ -75,7 +81,8 @@ class _LinearLoss(RegressionNet):
 
 def test_warns_once_when_safeguards_fire_persistently(tmp_path):
     monitor = QLABMonitor(plot=False, safeguard_window=5, safeguard_share=0.6)
-    trainer = quiet_trainer(max_steps=12, callbacks=[monitor], default_root_dir=tmp_path)
+    # The safeguards act on the steps that probe: the first, then one in PROBE_EVERY.
+    trainer = quiet_trainer(max_steps=4 * PROBE_EVERY + 1, callbacks=[monitor], default_root_dir=tmp_path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(_LinearLoss(), DataLoader(regression_data(96), batch_size=8))
@@ -83,9 +90,9 @@ def test_warns_once_when_safeguards_fire_persistently(tmp_path):
     assert len(persistent) == 1
     # Rounding leaves the fitted curvature of a linear loss at +-tiny: non-positive, or positive
     # with a minimiser far beyond the cap. Either way a safeguard decides every step.
-    assert "fired on 5 of the last 5 steps (" in str(persistent[0].message)
+    assert "fired on 5 of the last 5 probing steps (" in str(persistent[0].message)
     events = trainer.optimizers[0].events
-    assert events["negative_curvature"] + events["extrapolation_capped"] == 12
+    assert events["negative_curvature"] + events["extrapolation_capped"] == 5
 
 
 def test_stays_quiet_below_the_share():
@@ -95,7 +102,7 @@ def test_stays_quiet_below_the_share():
     monitor._warn_if_safeguards_persist()
     assert not monitor._safeguard_warned
     monitor._recent_events.append("extrapolation_capped")  # now 5 of the last 5
-    with pytest.warns(RuntimeWarning, match="fired on 5 of the last 5 steps"):
+    with pytest.warns(RuntimeWarning, match="fired on 5 of the last 5 probing steps"):
         monitor._warn_if_safeguards_persist()
 
 
@@ -220,13 +227,16 @@ def test_without_matplotlib_one_warning_and_no_crash(tmp_path, monkeypatch):
 
 def test_state_dict_round_trip():
     monitor = QLABMonitor(plot=False, safeguard_window=3)
-    trainer = quiet_trainer(max_steps=4, callbacks=[monitor])
+    trainer = quiet_trainer(max_steps=2 * PROBE_EVERY + 2, callbacks=[monitor])
     trainer.fit(RegressionNet(), DataLoader(regression_data(32), batch_size=8))
     restored = QLABMonitor(plot=False, safeguard_window=3)
     restored.load_state_dict(monitor.state_dict())
-    assert list(restored.steps) == list(monitor.steps) == [1, 2, 3, 4]
+    assert list(restored.steps) == list(monitor.steps) == list(range(1, 2 * PROBE_EVERY + 3))
     assert list(restored.step_sizes) == list(monitor.step_sizes)
-    assert list(restored.losses) == list(monitor.losses)
+    # The loss is read on the three steps that probe (1, 1 + PROBE_EVERY, 1 + 2 PROBE_EVERY), NaN elsewhere.
+    assert [i for i, loss in enumerate(monitor.losses) if math.isfinite(loss)] == [0, PROBE_EVERY, 2 * PROBE_EVERY]
+    torch.testing.assert_close(torch.tensor(restored.losses), torch.tensor(monitor.losses), rtol=0, atol=0,
+                               equal_nan=True)
     assert list(restored.event_codes) == list(monitor.event_codes)
     assert list(restored._recent_events) == list(monitor._recent_events) and len(restored._recent_events) == 3
 
