@@ -75,7 +75,7 @@ def installed(contender: Contender) -> bool:
     return contender.requires is None or importlib.util.find_spec(contender.requires) is not None
 
 
-def qlab(direction: str = "rmsprop", mode: str = "safeguarded", initial_step: Optional[float] = None,
+def qlab(direction: str = "adam", mode: str = "safeguarded", initial_step: Optional[float] = None,
          **settings: Any) -> Contender:
     """A QLAB setting. The published rule (``mode="paper"``) evaluates its last iterate."""
     config: dict[str, Any] = {"direction": direction, "mode": mode, **settings}

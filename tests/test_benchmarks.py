@@ -21,10 +21,12 @@ def test_panels_list_every_family() -> None:
     text = compare.contenders("text-transformer")
     assert {c.family for c in text} == families | {"AdamW grid"}
     assert [c.name for c in text if c.family == "AdamW grid"] == ["AdamW lr=0.001", "AdamW lr=0.003", "AdamW lr=0.01"]
-    # Each QLAB direction in both modes, and the sweep covers 1e-6 ... 10 in both modes.
-    assert sum(n.startswith("QLAB ") for n in names) == 8
+    # The default first, the other safeguarded directions, the published rule; the sweep covers
+    # 1e-6 ... 10 for the default and the published rule.
+    assert [n for n in names if n.startswith("QLAB ")] == [
+        "QLAB adam safeguarded", "QLAB rmsprop safeguarded", "QLAB sgd safeguarded", "QLAB sgd paper"]
     sweep = [c.name for c in compare.contenders("sweep")]
-    assert "QLAB rmsprop safeguarded beta0=1e-06" in sweep and "QLAB sgd paper beta0=10" in sweep
+    assert "QLAB adam safeguarded beta0=1e-06" in sweep and "QLAB sgd paper beta0=10" in sweep
 
 
 def test_harness_runs_and_reports(mnist_root: Path, tmp_path: Path) -> None:
@@ -100,10 +102,10 @@ def test_training_status_flags_divergence_and_nan() -> None:
 def test_heldout_tasks_run_and_report(tmp_path: Path) -> None:
     import heldout
 
-    text = heldout.main(["--tasks", "teacher-regression", "--epochs", "1", "--only", "QLAB rmsprop,SGD lr=0.1",
+    text = heldout.main(["--tasks", "teacher-regression", "--epochs", "1", "--only", "QLAB adam,SGD lr=0.1",
                          "--out", str(tmp_path)])
     rows = [line for line in text.splitlines() if line.startswith("| QLAB") or line.startswith("| SGD")]
-    assert [row.split(" | ")[0] for row in rows] == ["| QLAB rmsprop safeguarded", "| SGD lr=0.1"]
+    assert [row.split(" | ")[0] for row in rows] == ["| QLAB adam safeguarded", "| SGD lr=0.1"]
     assert rows[0].split(" | ")[4] == "1.00"  # the default's average is the reference of the ratio columns
     assert all(row.endswith("| ok |") for row in rows)
     assert (tmp_path / "results.md").read_text() == text
