@@ -167,21 +167,22 @@ def solve_step_size(
 
 
 def check_settings(
-    initial_step: float = 1e-3,
-    direction: str = "adam",
-    mode: str = "safeguarded",
-    probe_every: Optional[int] = None,
-    momentum: float = 0.9,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
+    initial_step: float,
+    direction: str,
+    mode: str,
+    probe_every: Optional[int],
+    momentum: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
     owner: str = "QLAB",
 ) -> int:
     """Raise ``ValueError``/``TypeError`` naming ``owner`` for a setting QLAB cannot use; return
     the probing interval these settings give (1 in paper mode, :data:`PROBE_EVERY` by default).
 
     The one place QLAB's arguments are checked: :class:`QLAB` and
-    :class:`~lightning_qlab.mixin.QLABConfig` both call it.
+    :class:`~lightning_qlab.mixin.QLABConfig` both call it with every argument (the defaults live
+    in :class:`QLAB`'s signature only).
     """
     if not is_number(initial_step):
         raise TypeError(f"{owner}: initial_step must be a positive number, got {initial_step!r}")
