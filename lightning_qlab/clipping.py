@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from lightning_qlab._checks import wide_dtype
-from lightning_qlab._compat import foreach_mul_
+from lightning_qlab._compat import foreach_mul_, foreach_norm
+from lightning_qlab.sharding import ShardLayout, local
 
 __all__ = ["CLIP_VALUE_NEEDS_SGD", "clip_gradients", "unscaled"]
 
@@ -50,10 +51,18 @@ def clip_gradients(
     """
     if max_norm is None and max_value is None:
         return None
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    if not grads:
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if not params:
         return None
-    total = torch.nn.utils.get_total_norm(grads, foreach=True)
+    # Sharded parameters (FSDP): each process clips its shards by the norm of the whole gradient.
+    layout = ShardLayout(params, getattr(optimizer, "shard_group", None))
+    grads = [local(p.grad) for p in params]
+    dtype = wide_dtype(grads[0].dtype)
+
+    def total_norm() -> Tensor:
+        return layout.sum(torch.stack(foreach_norm(grads, dtype)).square().unsqueeze(1))[0].sqrt()
+
+    total = total_norm()
     if not math.isfinite(total.item()):
         return None
     scale: Optional[Tensor] = None
@@ -61,20 +70,18 @@ def clip_gradients(
         direction = getattr(optimizer, "direction", "sgd")
         if direction != "sgd":
             raise ValueError(CLIP_VALUE_NEEDS_SGD.format(direction=direction))
-        dtype = wide_dtype(grads[0].dtype)
-        clipped_sq = torch.zeros((), dtype=dtype, device=grads[0].device)
-        cross = torch.zeros((), dtype=dtype, device=grads[0].device)
+        sums = []
         for grad in grads:  # one temporary the size of a single tensor at a time
             magnitude = grad.detach().abs().to(dtype).flatten()
             clipped = magnitude.clamp(max=max_value)
-            clipped_sq += torch.dot(clipped, clipped).to(cross.device)
-            cross += torch.dot(magnitude, clipped).to(cross.device)
+            sums.append(torch.stack([torch.dot(clipped, clipped), torch.dot(magnitude, clipped)]).to(total.device))
             grad.clamp_(-max_value, max_value)
+        clipped_sq, cross = layout.sum(torch.stack(sums))
         # d = g_clipped: s = |g_c|^2 / (g . g_c); 1 when nothing was clipped (or g = 0).
         scale = torch.where(cross > 0, clipped_sq / cross, torch.ones_like(cross))
     if max_norm is not None:
         if scale is not None:  # the norm after clipping by value
-            total = torch.nn.utils.get_total_norm(grads, foreach=True)
+            total = total_norm()
         coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         foreach_mul_(grads, coefficient.to(grads[0].dtype))
         scale = coefficient if scale is None else scale * coefficient.to(scale)

@@ -38,14 +38,14 @@ __all__ = ["DIRECTIONS", "Direction", "finite_gradients"]
 
 
 def finite_gradients(grads: list[Tensor]) -> Tensor:
-    """``|g|^2`` (a device scalar, float32 or wider, inf/NaN when an entry is); then non-finite
-    entries are set to 0 in place, so that a step that will be skipped can still be computed
-    harmlessly."""
+    """Each gradient's ``|g_i|^2`` (a device vector, float32 or wider, inf/NaN where an entry is);
+    then non-finite entries are set to 0 in place, so that a step that will be skipped can still
+    be computed harmlessly."""
     dtype = wide_dtype(grads[0].dtype)
-    squared_norm = torch.stack(_compat.foreach_norm(grads, dtype)).square().sum()
+    squared_norms = torch.stack(_compat.foreach_norm(grads, dtype)).square()
     for grad in grads:
         grad.nan_to_num_(0.0, 0.0, 0.0)
-    return squared_norm
+    return squared_norms
 
 
 def _decay(rate: float, keep: Tensor) -> Tensor:

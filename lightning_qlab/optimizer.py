@@ -33,6 +33,7 @@ in :func:`solve_step_size` and :func:`next_held_step`; the directions in
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from dataclasses import asdict, dataclass
@@ -46,6 +47,7 @@ from lightning_qlab import _compat
 from lightning_qlab._checks import is_integer, is_number, wide_dtype
 from lightning_qlab.directions import DIRECTIONS as _DIRECTION_TABLE
 from lightning_qlab.directions import finite_gradients
+from lightning_qlab.sharding import ShardLayout, local
 
 __all__ = [
     "QLAB",
@@ -55,6 +57,7 @@ __all__ = [
     "solve_step_size",
     "next_held_step",
     "check_settings",
+    "saved_record",
     "DIRECTIONS",
     "MODES",
     "EVENTS",
@@ -114,6 +117,27 @@ PROBE_EVERY = 8
 # one probe's a* scatters by a factor of about 2 around its neighbours, and 0.9 averages over the
 # last ~10 probes, as Adam's beta1 = 0.9 averages gradients.
 ESTIMATE_MEMORY = 0.9
+
+# Where QLAB.state_dict() keeps its own record (held step, estimate, counters): a JSON string in
+# the first parameter group.
+RECORD_KEY = "qlab"
+
+
+def saved_record(state_dict: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """QLAB's own record in an optimizer state dict (``None`` when another optimizer saved it).
+
+    Example:
+        >>> import torch
+        >>> saved_record(QLAB([torch.zeros(1, requires_grad=True)]).state_dict())["steps"]
+        0
+        >>> saved_record(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1).state_dict()) is None
+        True
+    """
+    if isinstance(state_dict.get(RECORD_KEY), dict):  # where earlier versions of this package kept it
+        return state_dict[RECORD_KEY]
+    groups = state_dict.get("param_groups") or [{}]
+    record = groups[0].get(RECORD_KEY) if isinstance(groups[0], dict) else None
+    return json.loads(record) if isinstance(record, str) else None
 
 
 @dataclass(frozen=True)
@@ -327,6 +351,10 @@ class QLAB(Optimizer):
         weight_decay: decoupled weight decay ``lambda`` (per group): ``w <- w (1 - a lambda)``
             next to the step ``a``, as in AdamW (Loshchilov & Hutter, 2019). Decoupled so that the
             parabola is fitted to the data loss alone, the only loss the trial forward sees.
+        shard_group: the process group over which plain-tensor parameters are *shards* (FSDP1's
+            ``process_group``, whose flat parameters each process holds a piece of); ``None``
+            (default) when they are whole. FSDP2's DTensor parameters say how they are sharded
+            themselves and need nothing here. See :mod:`lightning_qlab.sharding`.
 
     Calling convention: compute the loss, call ``backward()``, then
     ``optimizer.step(loss, trial_loss_fn)``, where ``trial_loss_fn()`` returns the same
@@ -339,6 +367,14 @@ class QLAB(Optimizer):
     training loss or gradient is detected on the steps that probe. With ``reduce_losses`` a loss
     that is finite here but not on another rank is only seen after the trial forward; then every
     rank moves back from the trial point (to within rounding, identically on all ranks).
+
+    Sharded parameters (FSDP2, FSDP1): every sum over the parameters is the global one (local
+    sums, then one all-reduce per process group, packed), so every process takes the same step;
+    the moment buffers live with the shards. Every process must call ``step`` alike, as under DDP.
+
+    State: the buffers are created with the optimizer (not at the first step), and QLAB's own
+    record (held step, estimate, counters) travels in the first parameter group of
+    :meth:`state_dict`, so that ``torch.distributed.checkpoint`` saves and restores it too.
 
     Cost: per probing step, one trial forward, the direction in a few ``foreach`` passes, and one
     read of a few scalars from the device; per other step, one fused kernel (torch's AdamW or SGD
@@ -372,15 +408,18 @@ class QLAB(Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        shard_group: Optional[Any] = None,
     ) -> None:
         self.probe_every = check_settings(initial_step, direction, mode, probe_every, momentum, betas, eps,
                                           weight_decay)
+        self.direction = direction  # before the groups are added: add_param_group creates the buffers
         defaults = dict(lr=0.0, momentum=momentum, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
         for group in self.param_groups:  # a group's own settings are checked like the defaults
             check_settings(initial_step, direction, mode, probe_every, group["momentum"], group["betas"],
                            group["eps"], group["weight_decay"], owner="QLAB (a parameter group)")
-        self.direction = direction
+        self.shard_group = shard_group
+        self._layout: Optional[tuple[tuple[int, ...], Any, ShardLayout]] = None  # (param ids, group, layout)
         self.mode = mode
         self.initial_step = float(initial_step)
         # Optimizer-wide state: one line search runs along the concatenation of all groups.
@@ -394,10 +433,18 @@ class QLAB(Optimizer):
         self._unread_skips: Optional[Tensor] = None  # steps skipped on the device since the last read
 
     # ------------------------------------------------------------------ state
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        for p in self.param_groups[-1]["params"]:
+            if p.requires_grad:
+                self._buffers(p)
+
     def state_dict(self) -> dict[str, Any]:
         self._count_unread_skips()
         state = super().state_dict()
-        state["qlab"] = {
+        # One string in the first group: torch.distributed.checkpoint keeps only "state" and
+        # "param_groups", and loads into the layout of a fresh optimizer's state dict.
+        state["param_groups"][0][RECORD_KEY] = json.dumps({
             "trial_distance": self.trial_distance,
             "estimate": asdict(self.estimate),
             "steps": self.steps,
@@ -408,12 +455,15 @@ class QLAB(Optimizer):
             "mode": self.mode,
             "probe_every": self.probe_every,
             "last_step": None if self.last_step is None else self.last_step.as_dict(),
-        }
+        })
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
-        qlab = state_dict.pop("qlab", None)
+        qlab = saved_record(state_dict)
+        state_dict.pop(RECORD_KEY, None)  # where checkpoints of earlier versions kept it
+        state_dict["param_groups"] = [{k: v for k, v in group.items() if k != RECORD_KEY}
+                                      for group in state_dict.get("param_groups", [])]
         if qlab is None:
             raise ValueError(
                 "QLAB.load_state_dict: this state dict has no 'qlab' entry; it was not saved by "
@@ -482,38 +532,45 @@ class QLAB(Optimizer):
         if not params:
             return self._skip(loss, "zero_gradient")
         self.direction_updates += 1
-        for group, start, end in groups:
-            for p in params[start:end]:
-                self._buffers(p, group)
-        _compat.foreach_add_([self.state[p]["step"] for p in params], 1.0)
+        for p in params:
+            self._buffers(p)
+        layout = self._shard_layout(params)
+        states = [self.state[p] for p in params]
+        if layout.sharded:  # from here on, each process works on its own shards
+            params, grads = [local(p) for p in params], [local(g) for g in grads]
+            states = [{name: local(value) for name, value in state.items()} for state in states]
+        _compat.foreach_add_([state["step"] for state in states], 1.0)
         if self.mode == "paper" or not self.warm_started or (self.steps - 1) % self.probe_every == 0:
-            return self._probing_step(loss, trial_loss_fn, reduce_losses, params, grads, groups)
-        return self._fused_step(loss, params, grads, groups)
+            return self._probing_step(loss, trial_loss_fn, reduce_losses, params, grads, states, groups, layout)
+        return self._fused_step(loss, params, grads, states, groups, layout)
 
-    def _fused_step(self, loss: Tensor, params: list[Tensor], grads: list[Tensor], groups: list) -> Tensor:
+    def _fused_step(self, loss: Tensor, params: list[Tensor], grads: list[Tensor], states: list[dict],
+                    groups: list, layout: ShardLayout) -> Tensor:
         """A step of the held size along the direction, in fused kernels; reads nothing."""
         dtype = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
-        total = torch.stack(_compat.foreach_norm(grads, dtype)).sum()
+        total = layout.sum(torch.stack(_compat.foreach_norm(grads, dtype)).unsqueeze(1))[0]
         found_inf = (~torch.isfinite(total)).to(torch.float32)
         step_size = self.trial_distance
         direction = _DIRECTION_TABLE[self.direction]
         for group, start, end in groups:
             for chunk in _by_device_and_dtype(params[start:end]):
-                subset = [params[start + i] for i in chunk]
-                direction.fused_step(group, subset, [grads[start + i] for i in chunk],
-                                     [self.state[p] for p in subset], step_size,
-                                     found_inf.to(subset[0].device), [self.state[p]["step"] for p in subset])
+                subset = [states[start + i] for i in chunk]
+                direction.fused_step(group, [params[start + i] for i in chunk], [grads[start + i] for i in chunk],
+                                     subset, step_size, found_inf.to(params[start + chunk[0]].device),
+                                     [state["step"] for state in subset])
         self._unread_skips = found_inf if self._unread_skips is None else self._unread_skips + found_inf
         self._record(step_size, math.nan, math.nan, math.nan, math.nan, math.nan, None, 0)
         return loss
 
     def _probing_step(self, loss: Tensor, trial_loss_fn: Callable[[], Tensor],
                       reduce_losses: Optional[Callable[[Tensor], Tensor]], params: list[Tensor],
-                      grads: list[Tensor], groups: list) -> Tensor:
+                      grads: list[Tensor], states: list[dict], groups: list, layout: ShardLayout) -> Tensor:
         """Fit the parabola along d at the trial point, then take the step; one read in all."""
         direction = _DIRECTION_TABLE[self.direction]
         paper = self.mode == "paper"
-        grad_sq = finite_gradients(grads)  # non-finite entries are zeroed: the step is skipped below
+        # Non-finite entries are zeroed: the step is skipped below. Every process must know |g|^2
+        # before the moments are updated (a skipped step must change no buffer on any of them).
+        grad_sq = layout.sum(finite_gradients(grads).unsqueeze(1))[0]
         # Nothing may change for a step that is skipped: keep = 0 makes the moment updates the
         # identity. Without reduce_losses the loss is known here; with it, every rank must update
         # its moments alike, so only the gradient (the same on every rank) decides.
@@ -526,10 +583,9 @@ class QLAB(Optimizer):
         for group, start, end in groups:
             if end == start:
                 continue
-            states = [self.state[p] for p in params[start:end]]
-            direction.update_moments(group, states, grads[start:end], keep, t)
-            probed += direction.probe(group, states, grads[start:end], t, paper)
-        g_dot_d = _dot(grads, probed)
+            direction.update_moments(group, states[start:end], grads[start:end], keep, t)
+            probed += direction.probe(group, states[start:end], grads[start:end], t, paper)
+        g_dot_d = layout.sum(_dots(grads, probed).unsqueeze(1))[0]
         beta = self.trial_distance
         if beta * beta < sys.float_info.min:
             # The curvature A = (...) / beta^2 can no longer be represented (beta^2 is zero or
@@ -586,7 +642,7 @@ class QLAB(Optimizer):
                 event = event or edge_event
             self.trial_distance = held
             step_size = 0.0 if solution.event == "nonfinite_trial" else held
-        self._move(params, origin, grads, probed, groups, step_size)
+        self._move(params, origin, grads, probed, states, groups, step_size)
         if solution.event is not None:
             self.events[solution.event] += 1
         self._record(step_size, beta, solution.curvature, c, trial, -gd, event, probes)
@@ -594,7 +650,7 @@ class QLAB(Optimizer):
 
     # ------------------------------------------------------------------ internals
     def _move(self, params: list[Tensor], origin: list[Tensor], grads: list[Tensor], probed: list[Tensor],
-              groups: list, step_size: float) -> None:
+              states: list[dict], groups: list, step_size: float) -> None:
         """From the trial point to ``w (1 - a lambda) - a u`` (``origin`` holds ``w``), group by group."""
         _compat.foreach_copy_(params, origin)
         direction = _DIRECTION_TABLE[self.direction]
@@ -604,8 +660,7 @@ class QLAB(Optimizer):
             group_params = params[start:end]
             update = probed[start:end]
             if self.mode != "paper":
-                update = direction.step(group, [self.state[p] for p in group_params], grads[start:end],
-                                        self.direction_updates, update)
+                update = direction.step(group, states[start:end], grads[start:end], self.direction_updates, update)
             decay = group["weight_decay"] * step_size
             if decay != 0.0:
                 _compat.foreach_mul_(group_params, 1.0 - decay)
@@ -616,22 +671,36 @@ class QLAB(Optimizer):
         direction = _DIRECTION_TABLE[self.direction]
         return min(direction.edge(group) for group in self.param_groups)
 
-    def _buffers(self, p: Tensor, group: dict) -> None:
-        """Create ``p``'s state lazily: the direction's buffers and the step count."""
+    def _buffers(self, p: Tensor) -> None:
+        """Create ``p``'s state if it has none: the direction's buffers (like ``p``: sharded like
+        it) and the step count."""
         state = self.state[p]
         if "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             for name in _DIRECTION_TABLE[self.direction].buffers:
                 state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
+    def _shard_layout(self, params: list[Tensor]) -> ShardLayout:
+        """How ``params`` are sharded over processes; rebuilt only when the parameters change."""
+        key = tuple(id(p) for p in params)
+        if self._layout is None or self._layout[:2] != (key, self.shard_group):
+            self._layout = (key, self.shard_group, ShardLayout(params, self.shard_group))
+        return self._layout[2]
+
     def _params_with_grad(self) -> tuple[list[Tensor], list[Tensor], list[tuple[dict, int, int]]]:
-        """Flat lists of the parameters that have gradients, and each group's slice of them."""
+        """Flat lists of the parameters that have gradients, and each group's slice of them.
+
+        A shard of FSDP1 that holds none of a parameter's elements has no gradient for it; it
+        takes part with an empty one, so that every process steps the same parameters.
+        """
         params: list[Tensor] = []
         grads: list[Tensor] = []
         groups: list[tuple[dict, int, int]] = []
         for group in self.param_groups:
             start = len(params)
             for p in group["params"]:
+                if p.grad is None and self.shard_group is not None and p.requires_grad and p.numel() == 0:
+                    p.grad = torch.zeros_like(p)
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
@@ -807,7 +876,7 @@ def _checked(value: Any, name: str, what: str) -> Tensor:
     return value
 
 
-def _dot(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
-    """sum_i <x_i, y_i> in float32 or wider, as a device scalar."""
+def _dots(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
+    """The vector of <x_i, y_i> in float32 or wider, on the device."""
     dtype = wide_dtype(xs[0].dtype)
-    return torch.stack([torch.vdot(x.reshape(-1).to(dtype), y.reshape(-1).to(dtype)) for x, y in zip(xs, ys)]).sum()
+    return torch.stack([torch.vdot(x.reshape(-1).to(dtype), y.reshape(-1).to(dtype)) for x, y in zip(xs, ys)])

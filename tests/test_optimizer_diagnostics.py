@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from lightning_qlab.optimizer import EVENTS, QLAB
+from lightning_qlab.optimizer import EVENTS, QLAB, saved_record
 
 
 def regression_problem(seed: int = 0):
@@ -77,7 +78,8 @@ def test_lr_and_last_step_tell_the_truth(direction: str, mode: str) -> None:
         if last.step_size > 0:
             previous_step_size = last.step_size
         assert opt.events == tally
-        assert opt.state_dict()["qlab"]["last_step"] == last.as_dict()  # checkpoints keep it
+        # checkpoints keep it (compared as JSON: the fit's fields are NaN on a step that did not probe)
+        assert json.dumps(saved_record(opt.state_dict())["last_step"]) == json.dumps(last.as_dict())
 
 
 @pytest.mark.parametrize("probe_every", [1, 8])
@@ -108,7 +110,7 @@ def test_event_counters_count_each_kind_of_skip(probe_every: int) -> None:
     for kind in [None, "gradient", "loss", "gradient", "zero", None, "loss"]:
         step(kind)
     skip_events = ("nonfinite_gradient", "nonfinite_loss", "zero_gradient")
-    saved = opt.state_dict()["qlab"]["events"]
+    saved = saved_record(opt.state_dict())["events"]
     skips = {k: v for k, v in opt.events.items() if k in skip_events}
     if probe_every == 1:
         assert skips == {"nonfinite_gradient": 2, "nonfinite_loss": 2, "zero_gradient": 1}

@@ -276,7 +276,10 @@ def test_parameters_without_gradients_are_ignored_and_untouched() -> None:
         loss.backward()
         opt.step(loss, loss_fn)
     assert all(torch.equal(p, q) for p, q in zip([*frozen.parameters(), *unused.parameters()], untouched))
-    assert all(len(opt.state[p]) == 0 for p in [*frozen.parameters(), *unused.parameters()])
+    assert all(len(opt.state[p]) == 0 for p in frozen.parameters())  # buffers only for what may train
+    for p in unused.parameters():  # created with the optimizer, never advanced
+        assert opt.state[p]["step"].item() == 0
+        assert all(not value.any() for value in opt.state[p].values())
     assert not any(torch.equal(p, q) for p, q in zip(used.parameters(), used_before))
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_qlab.optimizer import QLAB
+from lightning_qlab.optimizer import QLAB, saved_record
 
 BATCH = 32
 N_SAMPLES = 320  # 10 mini-batches per epoch
@@ -100,7 +100,7 @@ def test_resume_is_bit_for_bit(direction: str, mode: str) -> None:
         state_a, state_b = straight_opt.state[p], resumed_opt.state[q]
         assert state_a.keys() == state_b.keys()
         assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
-    assert straight_opt.state_dict()["qlab"] == resumed_opt.state_dict()["qlab"]
+    assert saved_record(straight_opt.state_dict()) == saved_record(resumed_opt.state_dict())
     assert straight_opt.last_step == resumed_opt.last_step
     assert [g["lr"] for g in straight_opt.param_groups] == [g["lr"] for g in resumed_opt.param_groups]
     # The run did something worth resuming (paper mode has no warm start).
@@ -122,3 +122,26 @@ def test_resume_restores_the_warm_start_and_the_trial_distance() -> None:
     assert resumed.steps == 5 and resumed.events == opt.events
     train(model, resumed, 5, 4)  # step 9 probes again (one in PROBE_EVERY = 8), at the held step
     assert resumed.last_step.probes == 1 and resumed.last_step.trial_distance == opt.trial_distance
+
+
+def test_record_travels_in_the_first_group_and_older_layout_still_loads():
+    """torch.distributed.checkpoint keeps only "state" and "param_groups": QLAB's record is a string in
+    the first group. A state dict with the record at the top (earlier versions) loads the same."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    opt = QLAB(model.parameters())
+    x, y = torch.randn(32, 3), torch.randn(32, 1)
+    for _ in range(10):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step(loss, lambda: torch.nn.functional.mse_loss(model(x), y))
+    state = opt.state_dict()
+    assert set(state) == {"state", "param_groups"} and isinstance(state["param_groups"][0]["qlab"], str)
+    older = {**state, "qlab": saved_record(state),
+             "param_groups": [{k: v for k, v in g.items() if k != "qlab"} for g in state["param_groups"]]}
+    for saved in (state, older):
+        fresh = QLAB(torch.nn.Linear(3, 1).parameters())
+        fresh.load_state_dict(saved)
+        assert fresh.trial_distance == opt.trial_distance and fresh.steps == 10 and fresh.estimate == opt.estimate
+        assert "qlab" not in fresh.param_groups[0]  # the record is not left in the live groups

@@ -1,0 +1,100 @@
+"""QLAB on sharded parameters (FSDP2 ``fully_shard``, DTensors), 2 gloo processes on CPU.
+
+The workers live in tests/sharded_helpers.py, run as a script (torch.multiprocessing starts the
+ranks). Each saves what is compared here: the gathered parameters, the step sizes, the sums.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import sharded_helpers as helpers
+
+HELPERS = Path(helpers.__file__).resolve()
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("sharded")
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    completed = subprocess.run([sys.executable, str(HELPERS), str(out)], cwd=out, env=env,
+                               capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
+    return out
+
+
+def _ranks(out: Path, worker: str) -> list[dict]:
+    return [torch.load(out / f"{worker}_rank{rank}.pt") for rank in range(helpers.RANKS)]
+
+
+def test_sharded_sums_equal_the_whole_ones_in_float64(results):
+    """g . d and |g|^2 over Shard(0), Replicate and plain tensors: replicated ones counted once,
+    a rank with an empty shard taking part."""
+    ranks = _ranks(results, "sums_float64")
+    assert [r["empty_shard"] for r in ranks] == [False, True]
+    for r in ranks:
+        torch.testing.assert_close(r["sharded"], r["whole"], rtol=1e-14, atol=0)
+    assert torch.equal(ranks[0]["sharded"], ranks[1]["sharded"])
+
+
+def test_sharded_training_equals_one_process_on_the_global_batches(results):
+    """24 steps (3 probes, the warm start included) of the default QLAB on a model whose last layer's
+    shard is empty on rank 1. float64, tolerance 1e-10: the sums add the same terms in another
+    order, and the fitted step magnifies the last bits about 1e4-fold (see sharded_helpers.DTYPE)."""
+    rank0, rank1 = _ranks(results, "train_sharded")
+    reference = torch.load(results / "single_process.pt")
+    assert rank1["local_shapes"][-2:] == [(0, 7), (0,)]  # the empty shard
+    assert rank0["step_sizes"] == rank1["step_sizes"]  # every rank takes the same step
+    assert len(set(rank0["step_sizes"])) > 2  # the held step changed at the probes
+    torch.testing.assert_close(torch.tensor(rank0["step_sizes"]), torch.tensor(reference["step_sizes"]),
+                               rtol=1e-10, atol=0)
+    for name, value in reference["parameters"].items():
+        assert torch.equal(rank0["parameters"][name], rank1["parameters"][name]), name
+        torch.testing.assert_close(rank0["parameters"][name], value, rtol=1e-10, atol=1e-12)
+
+
+def test_resume_from_a_distributed_checkpoint_equals_the_uninterrupted_run(results):
+    """torch.distributed.checkpoint at step 11 (between probes): the held step, the moments (sharded
+    like the parameters) and QLAB's record come back; the rest of the run is bitwise the same."""
+    uninterrupted = _ranks(results, "train_sharded")
+    for resumed, straight in zip(_ranks(results, "resume_sharded"), uninterrupted):
+        assert resumed["steps"] == helpers.STEPS
+        assert resumed["step_sizes"] == straight["step_sizes"]
+        for name, value in straight["parameters"].items():
+            assert torch.equal(resumed["parameters"][name], value), name
+
+
+# ------------------------------------------------------------------ what is refused, and how
+def test_deepspeed_is_refused_with_what_to_use_instead():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    from lightning_helpers import RegressionNet
+
+    module = RegressionNet()
+    # The check looks at the strategy's type only; DeepSpeed itself is not installed here.
+    module._trainer = SimpleNamespace(strategy=DeepSpeedStrategy.__new__(DeepSpeedStrategy))
+    with pytest.raises(NotImplementedError, match=r"does not run under DeepSpeed.*trial forward.*configs/trainer/fsdp.yaml"):
+        module._qlab_check_setup()
+
+
+def test_averaging_under_fsdp1_is_refused_with_what_to_use_instead():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    from lightning_helpers import RegressionNet
+    from lightning_qlab.averaging import PolynomialAveraging
+
+    trainer = SimpleNamespace(strategy=FSDPStrategy())
+    with pytest.raises(MisconfigurationException, match=r"FSDPStrategy \(FSDP1\).*weight_averaging=False"):
+        PolynomialAveraging().setup(trainer, RegressionNet(), "fit")
+
