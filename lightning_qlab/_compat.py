@@ -36,8 +36,11 @@ __all__ = [
     "logging_step",
     "accumulating_gradients",
     "ask_to_stop",
+    # Lightning: ModelParallelStrategy
+    "set_data_parallel_size",
     # Lightning: WeightAveraging's internals
     "average_model",
+    "set_average_model",
     "average_device",
     "swap_average",
 ]
@@ -216,11 +219,29 @@ def ask_to_stop(trainer: Any, stop: bool) -> None:
     connector.received_sigterm = stop
 
 
+# ------------------------------------------------------------- Lightning: ModelParallelStrategy
+@_private("ModelParallelStrategy._data_parallel_size")
+def set_data_parallel_size(strategy: Any, size: int) -> None:
+    """Set the data-parallel size a ``ModelParallelStrategy`` builds its device mesh with (read in
+    its ``setup_environment``)."""
+    if not hasattr(strategy, "_data_parallel_size"):
+        raise AttributeError("ModelParallelStrategy has no _data_parallel_size")
+    strategy._data_parallel_size = size
+
+
 # ------------------------------------------------------------- Lightning: WeightAveraging
 @_private("WeightAveraging._average_model")
 def average_model(callback: Any) -> Optional[Any]:
     """The callback's ``AveragedModel`` (None before fit has set it up)."""
     return callback._average_model
+
+
+@_private("WeightAveraging._average_model")
+def set_average_model(callback: Any, average: Any) -> None:
+    """Give the callback the ``AveragedModel`` it updates, swaps in and saves."""
+    if not hasattr(callback, "_average_model"):
+        raise AttributeError("WeightAveraging has no _average_model")
+    callback._average_model = average
 
 
 @_private("WeightAveraging._device")

@@ -37,12 +37,23 @@ from typing import Any, Callable, Optional, Union
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_qlab._checks import is_number, wide_dtype
-from lightning_qlab._compat import average_device, average_model, foreach_copy_, foreach_lerp_, swap_average
+from lightning_qlab._compat import (
+    average_device,
+    average_model,
+    foreach_copy_,
+    foreach_lerp_,
+    set_average_model,
+    swap_average,
+)
+from lightning_qlab.sharded_average import load_sharded_layout, save_sharded_layout, sharded_average
+from lightning_qlab.sharding import local
 
 __all__ = ["DEFAULT_ETA", "PolynomialAveraging", "polynomial_decay_multi_avg_fn"]
 
@@ -71,6 +82,8 @@ def polynomial_decay_multi_avg_fn(eta: float = DEFAULT_ETA) -> Callable[[list[Te
 
     @torch.no_grad()
     def update(averaged: list[Tensor], current: list[Tensor], num_averaged: Union[Tensor, int]) -> None:
+        # Sharded (DTensor) parameters: average each process's shards, as plain tensors.
+        averaged, current = [local(a) for a in averaged], [local(c) for c in current]
         first = averaged[0]
         if not (first.is_floating_point() or first.is_complex()):
             foreach_copy_(averaged, current)
@@ -135,12 +148,18 @@ class PolynomialAveraging(WeightAveraging):
         device: Optional[Union[torch.device, str, int]] = None,
         use_buffers: bool = True,
     ) -> None:
-        super().__init__(device=device, use_buffers=use_buffers, multi_avg_fn=polynomial_decay_multi_avg_fn(eta))
+        average_fn = polynomial_decay_multi_avg_fn(eta)
+        super().__init__(device=device, use_buffers=use_buffers, multi_avg_fn=average_fn)
         self.eta = float(eta)
+        self.use_buffers = use_buffers
+        self._average_fn = average_fn
         self._fit_ended = False
+        self._sharded = False  # under ModelParallelStrategy: the average is sharded like the module
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._sharded = isinstance(trainer.strategy, ModelParallelStrategy)
         if stage == "fit" and self._fit_ended:
             # A further fit on the same Trainer: continue from the training weights, and keep
             # the average so far (Lightning's callback would restart it from the module, which
@@ -149,12 +168,22 @@ class PolynomialAveraging(WeightAveraging):
             swap_average(self, pl_module)
             self._fit_ended = False
             return
+        if stage == "fit" and isinstance(trainer.strategy, FSDPStrategy):
+            raise MisconfigurationException(
+                "PolynomialAveraging does not run under FSDPStrategy (FSDP1): its flat parameters cannot be "
+                "averaged alongside. Use ModelParallelStrategy (FSDP2; configs/trainer/fsdp.yaml), whose "
+                "sharded average this callback supports, or QLABConfig(weight_averaging=False)."
+            )
+        if stage == "fit" and self._sharded:
+            return  # built in on_fit_start, once configure_model has sharded the module
         super().setup(trainer, pl_module, stage)
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # ``setup`` builds the average before the strategy moves the module to its device; keep
         # the average beside the parameters, or every update would copy them across devices.
+        if self._sharded and average_model(self) is None:
+            set_average_model(self, sharded_average(pl_module, self.use_buffers, self._average_fn))
         average = average_model(self)
         if average_device(self) is None and average is not None:
             average.to(pl_module.device)
@@ -175,8 +204,12 @@ class PolynomialAveraging(WeightAveraging):
 
     @override
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        if trainer.state.fn == TrainerFn.FITTING:
-            super().on_load_checkpoint(trainer, pl_module, checkpoint)
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        if self._sharded:
+            load_sharded_layout(average_model(self), pl_module, checkpoint, trainer.ckpt_path)
+            return
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -189,6 +222,9 @@ class PolynomialAveraging(WeightAveraging):
 
     @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self._sharded:
+            save_sharded_layout(average_model(self), checkpoint, self._fit_ended)
+            return
         if not self._fit_ended:
             super().on_save_checkpoint(trainer, pl_module, checkpoint)
             return

@@ -5,7 +5,9 @@ starts over from step 0. :func:`find_last_checkpoint` looks where the earlier ru
 root wrote theirs. :func:`check_checkpoint` reads a checkpoint's metadata (its tensors stay on
 disk) and compares it with the model before any run folder exists, so that a missing, empty,
 damaged or mismatched file is reported as :class:`CheckpointError` instead of a traceback from
-deep inside ``fit``.
+deep inside ``fit``. A distributed checkpoint (a folder of shards, written under FSDP2) is read
+the same way: its ``meta.pt`` holds what is not sharded, and its index lists the sharded tensors
+with their shapes.
 """
 
 from __future__ import annotations
@@ -21,10 +23,20 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.nn.parameter import UninitializedParameter
 
-__all__ = ["CheckpointError", "check_checkpoint", "checkpoint_folders", "find_last_checkpoint", "read_checkpoint"]
+__all__ = [
+    "CheckpointError",
+    "check_checkpoint",
+    "checkpoint_folders",
+    "find_last_checkpoint",
+    "is_distributed_checkpoint",
+    "read_checkpoint",
+]
 
 # Differences listed by name in a mismatch message; the rest are counted.
 _SHOWN = 3
+
+# What Lightning's ModelParallelStrategy writes beside the shards: everything that is not sharded.
+_DISTRIBUTED_META = "meta.pt"
 
 
 class CheckpointError(ValueError):
@@ -48,10 +60,12 @@ def checkpoint_folders(trainer: Trainer) -> list[str]:
 
 
 def find_last_checkpoint(trainer: Trainer) -> Optional[Path]:
-    """The most recently written ``last*.ckpt`` in :func:`checkpoint_folders`, or ``None``."""
+    """The most recently written ``last*.ckpt`` (a file, or a distributed checkpoint's folder) in
+    :func:`checkpoint_folders`, or ``None``."""
     name = f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}*{ModelCheckpoint.FILE_EXTENSION}"
     candidates = [Path(path) for folder in checkpoint_folders(trainer)
-                  for path in glob.glob(os.path.join(folder, name)) if os.path.isfile(path)]
+                  for path in glob.glob(os.path.join(folder, name))
+                  if os.path.isfile(path) or is_distributed_checkpoint(Path(path))]
     if not candidates:
         return None
     return max(candidates, key=lambda path: (path.stat().st_mtime, str(path)))
@@ -67,6 +81,8 @@ def read_checkpoint(path: Any, weights_only: Optional[bool] = None) -> Optional[
     if not path.exists():
         raise CheckpointError(f"the checkpoint {path} does not exist; check the path (`--ckpt_path last` "
                               "finds the newest last.ckpt of the runs under the same root).")
+    if is_distributed_checkpoint(path):
+        return _read_distributed(path, weights_only)
     if path.is_dir():
         raise CheckpointError(f"the checkpoint {path} is a folder; give one .ckpt file inside it.")
     if path.stat().st_size == 0:
@@ -77,6 +93,47 @@ def read_checkpoint(path: Any, weights_only: Optional[bool] = None) -> Optional[
         raise CheckpointError(f"{path} is a PyTorch file but not a Lightning checkpoint (it has no state_dict); "
                               "give a .ckpt file written by Lightning.")
     return checkpoint
+
+
+def is_distributed_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a distributed checkpoint's folder (``torch.distributed.checkpoint``'s index
+    and Lightning's ``meta.pt`` inside)."""
+    return path.is_dir() and (path / ".metadata").is_file() and (path / _DISTRIBUTED_META).is_file()
+
+
+def _read_distributed(path: Path, weights_only: Optional[bool]) -> dict[str, Any]:
+    """The checkpoint folder's ``meta.pt``, with the sharded entries as stand-ins that have their
+    shapes: ``state_dict`` (the average nested training weights left out), and the optimizer
+    states in the shape :func:`saved_record` reads (``"qlab"`` marks QLAB's record)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from lightning_qlab.sharded_average import TRAINING_WEIGHTS
+
+    checkpoint = _read(path / _DISTRIBUTED_META, weights_only)
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path} is a folder of shards, but its {_DISTRIBUTED_META} is not a Lightning checkpoint.")
+    try:
+        entries = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception as error:  # noqa: BLE001 - a damaged index makes the folder unusable, whatever the reason
+        raise CheckpointError(f"{path} is a folder of shards whose index (.metadata) cannot be read "
+                              f"({type(error).__name__}); use another checkpoint of the run.") from None
+    weights = {key[len("state_dict."):]: _Shape(entry.size) for key, entry in entries.items()
+               if key.startswith("state_dict.") and hasattr(entry, "size")
+               and not key.startswith(f"state_dict.{TRAINING_WEIGHTS}.")}
+    optimizers = sorted({key.split(".")[0] for key in entries if key.startswith("optimizer_")})
+    checkpoint["state_dict"] = weights
+    checkpoint["optimizer_states"] = [
+        {"param_groups": [{"qlab": "{}"}]} if f"{name}.param_groups.0.qlab" in entries else {}
+        for name in optimizers
+    ]
+    return checkpoint
+
+
+class _Shape:
+    """A sharded tensor of a distributed checkpoint, known by its shape only."""
+
+    def __init__(self, shape: Any) -> None:
+        self.shape = torch.Size(shape)
 
 
 def check_checkpoint(path: Any, model: LightningModule, resuming: bool, weights_only: Optional[bool] = None) -> None:
@@ -104,9 +161,7 @@ def _read(path: Path, weights_only: Optional[bool]) -> Any:
 
 
 def _check_weights(path: Path, saved: dict[str, Any], model: LightningModule) -> None:
-    if is_overridden("configure_model", model) or any(
-        isinstance(p, UninitializedParameter) for p in model.parameters()
-    ):
+    if _builds_layers_later(model) or any(isinstance(p, UninitializedParameter) for p in model.parameters()):
         return  # the model's tensors do not exist yet: Lightning checks when it loads them
     expected = model.state_dict()
     mismatched = [f"{name} is {tuple(saved[name].shape)} in the checkpoint, {tuple(tensor.shape)} in the model"
@@ -136,10 +191,11 @@ def _check_training_state(path: Path, checkpoint: dict[str, Any], model: Lightni
             "state that resuming needs. Evaluate it with validate/test/predict, or start a new fit."
         )
     from lightning_qlab.mixin import QLABMixin  # the mixin imports nothing from here
+    from lightning_qlab.optimizer import saved_record
 
     states = checkpoint["optimizer_states"]
     if isinstance(model, QLABMixin) and states:
-        trained_with_qlab = isinstance(states[0], dict) and "qlab" in states[0]
+        trained_with_qlab = isinstance(states[0], dict) and saved_record(states[0]) is not None
         training_with_qlab = not model.automatic_optimization
         if trained_with_qlab != training_with_qlab:
             qlab, baseline = "QLABGrad", "a baseline optimizer"
@@ -148,6 +204,16 @@ def _check_training_state(path: Path, checkpoint: dict[str, Any], model: Lightni
                 f"{path} was trained with {was}, but this run trains with {now}; resuming needs the same "
                 "optimizer. Run with the configuration the checkpoint was trained with (its run folder's config.yaml)."
             )
+
+
+def _builds_layers_later(model: LightningModule) -> bool:
+    """Whether ``model``'s ``configure_model`` may create layers (the package's models only shard
+    the ones they have)."""
+    from lightning_qlab.models.base import QLABModel  # the models import this module's callers
+
+    if not is_overridden("configure_model", model):
+        return False
+    return type(model).configure_model is not QLABModel.configure_model
 
 
 def _few(names: list[str]) -> str:

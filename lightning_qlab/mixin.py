@@ -17,6 +17,9 @@ Lightning's precision and strategy plumbing stays in charge: the step goes throu
 ``self.optimizers().step(...)``, so mixed precision (autocast, GradScaler unscaling and inf/NaN
 skipping) and DDP work as for any manual-optimization module. Under DDP the two loss values are
 averaged over the ranks before the step size is solved, so every rank takes the identical step.
+Under FSDP2 (``ModelParallelStrategy``, :class:`~lightning_qlab.strategies.FSDP2Strategy`) and
+FSDP1 QLAB's sums over the parameters are global sums too (:mod:`lightning_qlab.sharding`);
+DeepSpeed is refused.
 
 Lightning refuses ``Trainer(accumulate_grad_batches=...)`` and ``Trainer(gradient_clip_val=...)``
 under manual optimization, so the mixin offers both itself: see :class:`QLABConfig`.
@@ -33,7 +36,14 @@ from weakref import WeakSet
 from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.core.optimizer import LightningOptimizer
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ParallelStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+    ParallelStrategy,
+    SingleDeviceStrategy,
+)
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -450,12 +460,21 @@ class QLABMixin:
     def _qlab_check_setup(self) -> None:
         self._qlab_checked_config()
         strategy = self.trainer.strategy
-        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or isinstance(strategy, DeepSpeedStrategy):
+        if isinstance(strategy, DeepSpeedStrategy):
             raise NotImplementedError(
-                f"QLABMixin supports single-device and DDP strategies, got {type(strategy).__name__}. "
-                "Sharded strategies (FSDP, DeepSpeed) split the parameters, so the gradient norm and "
-                "g . d that QLAB computes would cover one shard only. Use strategy='ddp'."
+                "QLABMixin does not run under DeepSpeed: DeepSpeed steps the optimizer inside its own "
+                "engine, which has no place for QLAB's trial forward, and keeps its own optimizer state. "
+                "Shard with strategy='fsdp' or ModelParallelStrategy (FSDP2; configs/trainer/fsdp.yaml) instead."
             )
+        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy, FSDPStrategy, ModelParallelStrategy)):
+            raise NotImplementedError(
+                f"QLABMixin supports single-device, DDP, FSDP and ModelParallelStrategy (FSDP2) training, got "
+                f"{type(strategy).__name__}. Use one of those."
+            )
+        if isinstance(strategy, FSDPStrategy):
+            # FSDP1 hands the optimizer plain tensors that are shards of flat parameters: QLAB must
+            # be told over which processes its sums run (FSDP2's DTensors say it themselves).
+            self._qlab_optimizer().optimizer.shard_group = _fsdp_shard_group(strategy.model)
         self._qlab_checked_setup = True
         self._qlab_name_what_is_set_aside()
 
@@ -502,6 +521,17 @@ class QLABMixin:
                 "baseline with another optimizer set self.automatic_optimization = True in __init__."
             )
         return optimizer
+
+
+def _fsdp_shard_group(model: Any) -> Any:
+    """The process group FSDP1 shards ``model``'s flat parameters over (for hybrid sharding, the
+    processes of one node)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    for module in model.modules():
+        if isinstance(module, FullyShardedDataParallel):
+            return module.process_group
+    raise RuntimeError("QLABMixin: FSDPStrategy is set, but no module of the model is wrapped in FSDP.")
 
 
 def _check_trainer_options(trainer: Any) -> None:

@@ -264,6 +264,24 @@ def _average_model() -> None:
     assert torch.equal(average.module.layer.weight, module.layer.weight)
 
 
+@check(_compat.set_data_parallel_size)
+def _set_data_parallel_size() -> None:
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    strategy = ModelParallelStrategy()
+    _compat.set_data_parallel_size(strategy, 6)
+    # What setup_environment hands to the device mesh (lightning.fabric's _setup_device_mesh).
+    assert strategy._data_parallel_size == 6
+
+
+@check(_compat.set_average_model)
+def _set_average_model() -> None:
+    averaging, module = _averaging_setup()
+    replacement = AveragedModel(module)
+    _compat.set_average_model(averaging, replacement)
+    assert _compat.average_model(averaging) is replacement
+
+
 @check(_compat.average_device)
 def _average_device() -> None:
     assert _compat.average_device(WeightAveraging()) is None

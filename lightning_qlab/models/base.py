@@ -15,11 +15,13 @@ from typing import Any, Optional, Union
 
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from typing_extensions import override
 
 from lightning_qlab.mixin import QLABConfig, QLABMixin
 from lightning_qlab.optimizer import QLAB
+from lightning_qlab.sharding import data_parallel_mesh, shard_blocks
 
 __all__ = ["QLABModel"]
 
@@ -88,6 +90,21 @@ class QLABModel(QLABMixin, LightningModule):
         ``torch.load(weights_only=True)``. Call after ``save_hyperparameters``."""
         if isinstance(self.hparams.get("qlab_config"), QLABConfig):
             self.hparams["qlab_config"] = asdict(self.hparams["qlab_config"])
+
+    @override
+    def configure_model(self) -> None:
+        """Under Lightning's ``ModelParallelStrategy``: shard ``self.backbone`` with FSDP2 over the
+        data-parallel processes (see :func:`~lightning_qlab.sharding.shard_blocks`). Nothing under
+        any other strategy."""
+        if self.device_mesh is None:
+            return
+        backbone = getattr(self, "backbone", None)
+        if not isinstance(backbone, nn.Module):
+            raise TypeError(
+                f"{type(self).__name__} has no backbone module to shard; override configure_model and "
+                "apply torch.distributed.fsdp.fully_shard to its layers, as Lightning's ModelParallelStrategy asks."
+            )
+        shard_blocks(backbone, data_parallel_mesh(self.device_mesh, type(self).__name__))
 
     @override
     def configure_optimizers(self) -> Any:
