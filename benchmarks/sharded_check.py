@@ -29,7 +29,7 @@ STRATEGIES = {"single": lambda: "auto", "ddp": lambda: "ddp", "fsdp2": FSDP2Stra
 
 def data(samples: int, seed: int = 0) -> TensorDataset:
     generator = torch.Generator().manual_seed(seed)
-    centres = torch.randn(10, 784, generator=generator)
+    centres = 0.2 * torch.randn(10, 784, generator=generator)  # classes overlap: the loss stays well above 0
     labels = torch.randint(0, 10, (samples,), generator=generator)
     return TensorDataset(centres[labels] + 2.0 * torch.randn(samples, 784, generator=generator), labels)
 
@@ -52,7 +52,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--strategy", choices=sorted(STRATEGIES), required=True)
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=256, help="per process")
+    parser.add_argument("--batch-size", type=int, default=256, help="per process (single: times the processes)")
     parser.add_argument("--cpu", action="store_true", help="2 CPU processes in float32 (FSDP1 needs GPUs)")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -63,8 +63,10 @@ def main() -> None:
                       precision="32-true" if args.cpu else "bf16-mixed", max_steps=args.steps,
                       logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, callbacks=[record], limit_val_batches=0)
-    global_batch = args.batch_size * trainer.num_devices
-    trainer.fit(model, DataLoader(data(global_batch * args.steps), batch_size=args.batch_size, shuffle=True))
+    processes = 2 if args.cpu else torch.cuda.device_count()
+    # The same global batch for every strategy: one process reads all of it.
+    per_process = args.batch_size * processes if args.strategy == "single" else args.batch_size
+    trainer.fit(model, DataLoader(data(args.batch_size * processes * args.steps), batch_size=per_process, shuffle=True))
     optimizer = trainer.optimizers[0]
     step_ms = 1000 * (record.times[-1] - record.times[19]) / (len(record.times) - 20)
     result = {"strategy": args.strategy, "processes": trainer.world_size, "steps": trainer.global_step,
