@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 import lightning_helpers as helpers
+from lightning_qlab._compat import average_model
 from lightning_qlab.callback import QLABMonitor
 from lightning_qlab.mixin import QLABConfig
 from lightning_qlab.optimizer import saved_record
@@ -64,7 +65,7 @@ def _fit(out: Path, name: str, ckpt_path: Any = None, **trainer_settings: Any) -
     loader = DataLoader(dataset, batch_size=BATCH, sampler=helpers.RankStrideSampler(dataset))
     trainer.fit(model, loader, ckpt_path=ckpt_path)
     averaging = [c for c in trainer.callbacks if type(c).__name__ == "PolynomialAveraging"]
-    training_weights = full(averaging[0]._average_model.module)  # swapped out at the end of fit
+    training_weights = full(average_model(averaging[0]).module)  # swapped out at the end of fit
     torch.save({"average": full(model), "training_weights": training_weights,
                 "step_sizes": list(monitor.step_sizes), "global_step": trainer.global_step,
                 "local_shapes": [tuple(local(p).shape) for p in model.parameters()]},

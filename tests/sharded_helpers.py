@@ -23,6 +23,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
+from lightning_qlab.clipping import clip_gradients
 from lightning_qlab.optimizer import QLAB
 from lightning_qlab.sharding import ShardLayout, local
 
@@ -140,7 +141,18 @@ def sums_float64(rank: int, world: int, out: Path) -> None:
     sharded = layout.sum(per_param)
     whole = torch.stack([sum(torch.vdot(a.reshape(-1), b.reshape(-1)) for a, b in zip(whole_g, whole_d)),
                          sum(a.square().sum() for a in whole_g)])
-    torch.save({"sharded": sharded, "whole": whole, "empty_shard": local_g[1].numel() == 0},
+    # Clipping by norm: the coefficient from the global norm, applied to each shard.
+    params = []
+    for grad in g:
+        param = nn.Parameter(torch.zeros_like(grad))
+        param.grad = grad.clone()
+        params.append(param)
+    coefficient = clip_gradients(QLAB(params), max_norm=0.5)
+    whole_norm = torch.sqrt(sum(a.square().sum() for a in whole_g))
+    torch.save({"sharded": sharded, "whole": whole, "empty_shard": local_g[1].numel() == 0,
+                "clip": coefficient, "clip_whole": 0.5 / (whole_norm + 1e-6),
+                "clipped": [local(p.grad).clone() for p in params],
+                "clipped_whole": [local(grad) * (0.5 / (whole_norm + 1e-6)) for grad in g]},
                out / f"sums_float64_rank{rank}.pt")
 
 

@@ -43,6 +43,14 @@ def test_sharded_sums_equal_the_whole_ones_in_float64(results):
     assert torch.equal(ranks[0]["sharded"], ranks[1]["sharded"])
 
 
+def test_clipping_by_norm_uses_the_norm_of_the_whole_gradient(results):
+    for r in _ranks(results, "sums_float64"):
+        assert r["clip_whole"] < 1  # the clip is active
+        torch.testing.assert_close(r["clip"], r["clip_whole"], rtol=1e-14, atol=0)
+        for clipped, expected in zip(r["clipped"], r["clipped_whole"]):
+            torch.testing.assert_close(clipped, expected, rtol=1e-14, atol=0)
+
+
 def test_sharded_training_equals_one_process_on_the_global_batches(results):
     """24 steps (3 probes, the warm start included) of the default QLAB on a model whose last layer's
     shard is empty on rank 1. float64, tolerance 1e-10: the sums add the same terms in another
