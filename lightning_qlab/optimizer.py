@@ -466,8 +466,8 @@ class QLAB(Optimizer):
                                       for group in state_dict.get("param_groups", [])]
         if qlab is None:
             raise ValueError(
-                "QLAB.load_state_dict: this state dict has no 'qlab' entry; it was not saved by "
-                "QLAB.state_dict() (a different optimizer's checkpoint?)."
+                "QLAB.load_state_dict: this state dict holds no QLAB record (param_groups[0]['qlab']); it "
+                "was not saved by QLAB.state_dict() (a different optimizer's checkpoint?)."
             )
         for name in ("direction", "mode", "probe_every"):
             saved, own = qlab.get(name, getattr(self, name)), getattr(self, name)

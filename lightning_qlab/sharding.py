@@ -91,7 +91,9 @@ class ShardLayout:
         the ``k`` global sums, the same on every process (one all-reduce per process group)."""
         if not self.sharded:
             return per_param.sum(0)
-        index = self._kind_of.to(per_param.device)
+        if self._kind_of.device != per_param.device:  # moved once, not at every step
+            self._kind_of = self._kind_of.to(per_param.device)
+        index = self._kind_of
         by_kind = per_param.new_zeros(len(self._kinds), per_param.shape[1]).index_add_(0, index, per_param)
         for group in self._groups:
             rows = [i for i, kind in enumerate(self._kinds) if group in kind]

@@ -290,7 +290,7 @@ def test_loading_another_optimizers_state_dict() -> None:
     loss_fn().backward()
     sgd.step()  # so that its state dict has a momentum buffer too
     opt = QLAB(model.parameters())
-    with pytest.raises(ValueError, match=r"has no 'qlab' entry; it was not saved by QLAB.state_dict\(\)"):
+    with pytest.raises(ValueError, match=r"holds no QLAB record .*; it was not saved by QLAB.state_dict\(\)"):
         opt.load_state_dict(sgd.state_dict())
 
 
