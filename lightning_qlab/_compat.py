@@ -23,6 +23,7 @@ __all__ = [
     "foreach_mul_",
     "foreach_add_",
     "foreach_addcmul_",
+    "foreach_addcdiv_",
     "foreach_div",
     "foreach_div_",
     "foreach_sqrt",
@@ -116,6 +117,12 @@ def foreach_add_(tensors: list[Tensor], others: list[Tensor] | Tensor | float, a
 def foreach_addcmul_(tensors: list[Tensor], first: list[Tensor], second: list[Tensor], value: float) -> None:
     """``t.addcmul_(a, b, value=value)`` for every triple, in one fused call."""
     torch._foreach_addcmul_(tensors, first, second, value=value)
+
+
+@_private("torch._foreach_addcdiv_")
+def foreach_addcdiv_(tensors: list[Tensor], numerators: list[Tensor], denominators: list[Tensor], value: float) -> None:
+    """``t.addcdiv_(n, d, value=value)`` for every triple, in one fused call."""
+    torch._foreach_addcdiv_(tensors, numerators, denominators, value=value)
 
 
 @_private("torch._foreach_div")

@@ -5,9 +5,11 @@ Every direction keeps its per-parameter state (moment buffers) and answers three
 * ``probe``: the vector ``d`` the parabola is fitted along. In ``"safeguarded"`` mode it is a
   descent direction for the current mini-batch (``g`` or the RMS-scaled ``g``), so the fit is
   meaningful; in ``"paper"`` mode it is the direction itself, as QLABGrad (v1) fits it.
-* ``step``: the vector ``u`` the parameters move along by the step size. For ``sgd`` and
-  ``rmsprop`` it is ``d``; ``momentum`` and ``adam`` step along their momentum, which carries
-  past gradients.
+* ``move``: ``w <- w - a u``, the step along the vector ``u`` the parameters move along. For
+  ``sgd`` and ``rmsprop`` ``u`` is ``d``; ``momentum`` and ``adam`` step along their momentum,
+  which carries past gradients. ``u`` is not materialised: Adam's step is one ``addcdiv`` with
+  the denominators its probe computed (a probing step's cost is mostly such passes over the
+  parameters, each a fresh allocation on the CPU).
 * ``edge``: how many fitted minimisers the step can be before the update diverges on a
   quadratic (the stability edge): 2 without momentum; ``2 (1 + mu)`` for the heavy ball;
   ``2 (1 + beta1) / (1 - beta1)`` for Adam's averaged momentum (Cohen et al., "Adaptive
@@ -65,11 +67,15 @@ class Direction:
     def update_moments(self, group: dict, states: list[dict], grads: list[Tensor], keep: Tensor, t: int) -> None:
         """Add this step's gradient to the buffers (nothing when ``keep`` is 0)."""
 
-    def probe(self, group: dict, states: list[dict], grads: list[Tensor], t: int, paper: bool) -> list[Tensor]:
+    def probe(self, group: dict, states: list[dict], grads: list[Tensor], t: int, paper: bool
+              ) -> tuple[list[Tensor], Any]:
+        """``d``, and what :meth:`move` may reuse (``None``, or Adam's denominators)."""
         raise NotImplementedError
 
-    def step(self, group: dict, states: list[dict], grads: list[Tensor], t: int, probed: list[Tensor]) -> list[Tensor]:
-        return probed
+    def move(self, group: dict, states: list[dict], params: list[Tensor], probed: list[Tensor], reused: Any,
+             t: int, step_size: float) -> None:
+        """``w <- w - step_size * u`` in place (``u = d`` unless the direction steps along its momentum)."""
+        _compat.foreach_add_(params, probed, -step_size)
 
     def fused_step(self, group: dict, params: list[Tensor], grads: list[Tensor], states: list[dict], lr: float,
                    found_inf: Tensor, steps: list[Tensor]) -> None:
@@ -82,7 +88,7 @@ class SGD(Direction):
     name = "sgd"
 
     def probe(self, group, states, grads, t, paper):
-        return grads
+        return grads, None
 
     def fused_step(self, group, params, grads, states, lr, found_inf, steps):
         _decay_weights(group, params, lr, found_inf)
@@ -105,10 +111,10 @@ class Momentum(Direction):
         _compat.foreach_add_(buffers, grads)  # a zeroed gradient adds nothing
 
     def probe(self, group, states, grads, t, paper):
-        return [s["momentum_buffer"] for s in states] if paper else grads
+        return ([s["momentum_buffer"] for s in states] if paper else grads), None
 
-    def step(self, group, states, grads, t, probed):
-        return [s["momentum_buffer"] for s in states]
+    def move(self, group, states, params, probed, reused, t, step_size):
+        _compat.foreach_add_(params, [s["momentum_buffer"] for s in states], -step_size)
 
     def fused_step(self, group, params, grads, states, lr, found_inf, steps):
         _decay_weights(group, params, lr, found_inf)
@@ -138,7 +144,7 @@ class RMSprop(Direction):
         return denominators
 
     def probe(self, group, states, grads, t, paper):
-        return _compat.foreach_div(grads, self.denominators(group, states, t))
+        return _compat.foreach_div(grads, self.denominators(group, states, t)), None
 
     def fused_step(self, group, params, grads, states, lr, found_inf, steps):
         # Adam's kernel with beta1 = 0 is this update; its first moment would just be a copy of the
@@ -166,19 +172,20 @@ class Adam(RMSprop):
         _compat.foreach_add_(averages, grads, 1.0 - beta1)
         super().update_moments(group, states, grads, keep, t)
 
-    def _momentum_direction(self, group, states, t, denominators):
-        directions = _compat.foreach_div([s["exp_avg"] for s in states], denominators)
-        _compat.foreach_div_(directions, 1.0 - group["betas"][0] ** t)
-        return directions
-
     def probe(self, group, states, grads, t, paper):
         denominators = self.denominators(group, states, t)
-        if paper:
-            return self._momentum_direction(group, states, t, denominators)
-        return _compat.foreach_div(grads, denominators)
+        if paper:  # the fit along u = m_hat / (sqrt(v_hat) + eps) itself
+            directions = _compat.foreach_div([s["exp_avg"] for s in states], denominators)
+            _compat.foreach_div_(directions, 1.0 - group["betas"][0] ** t)
+            return directions, None
+        return _compat.foreach_div(grads, denominators), denominators
 
-    def step(self, group, states, grads, t, probed):
-        return self._momentum_direction(group, states, t, self.denominators(group, states, t))
+    def move(self, group, states, params, probed, reused, t, step_size):
+        if reused is None:  # paper mode: u was the probed direction
+            return super().move(group, states, params, probed, reused, t, step_size)
+        # w - a m / ((1 - beta1^t) (sqrt(v_hat) + eps)): Adam's step, with the probe's denominators.
+        _compat.foreach_addcdiv_(params, [s["exp_avg"] for s in states], reused,
+                                 -step_size / (1.0 - group["betas"][0] ** t))
 
     def fused_step(self, group, params, grads, states, lr, found_inf, steps):
         _compat.fused_adamw_(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],

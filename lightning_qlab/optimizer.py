@@ -580,11 +580,15 @@ class QLAB(Optimizer):
         _compat.foreach_mul_(grads, keep.to(grads[0].dtype))  # a skipped step adds no gradient to the moments
         t = self.direction_updates
         probed: list[Tensor] = []
+        reused: list[Any] = []  # per group: what the direction's move reuses from its probe
         for group, start, end in groups:
             if end == start:
+                reused.append(None)
                 continue
             direction.update_moments(group, states[start:end], grads[start:end], keep, t)
-            probed += direction.probe(group, states[start:end], grads[start:end], t, paper)
+            group_probed, group_reused = direction.probe(group, states[start:end], grads[start:end], t, paper)
+            probed += group_probed
+            reused.append(group_reused)
         g_dot_d = layout.sum(_dots(grads, probed).unsqueeze(1))[0]
         beta = self.trial_distance
         if beta * beta < sys.float_info.min:
@@ -642,29 +646,30 @@ class QLAB(Optimizer):
                 event = event or edge_event
             self.trial_distance = held
             step_size = 0.0 if solution.event == "nonfinite_trial" else held
-        self._move(params, origin, grads, probed, states, groups, step_size)
+        self._move(params, origin, probed, reused, states, groups, step_size)
         if solution.event is not None:
             self.events[solution.event] += 1
         self._record(step_size, beta, solution.curvature, c, trial, -gd, event, probes)
         return loss
 
     # ------------------------------------------------------------------ internals
-    def _move(self, params: list[Tensor], origin: list[Tensor], grads: list[Tensor], probed: list[Tensor],
+    def _move(self, params: list[Tensor], origin: list[Tensor], probed: list[Tensor], reused: list[Any],
               states: list[dict], groups: list, step_size: float) -> None:
         """From the trial point to ``w (1 - a lambda) - a u`` (``origin`` holds ``w``), group by group."""
         _compat.foreach_copy_(params, origin)
         direction = _DIRECTION_TABLE[self.direction]
-        for group, start, end in groups:
+        for (group, start, end), group_reused in zip(groups, reused):
             if end == start:
                 continue
             group_params = params[start:end]
-            update = probed[start:end]
-            if self.mode != "paper":
-                update = direction.step(group, states[start:end], grads[start:end], self.direction_updates, update)
             decay = group["weight_decay"] * step_size
             if decay != 0.0:
                 _compat.foreach_mul_(group_params, 1.0 - decay)
-            _compat.foreach_add_(group_params, update, -step_size)
+            if self.mode == "paper":
+                _compat.foreach_add_(group_params, probed[start:end], -step_size)
+            else:
+                direction.move(group, states[start:end], group_params, probed[start:end], group_reused,
+                               self.direction_updates, step_size)
 
     def _stability_edge(self) -> float:
         """The smallest stability edge over the groups (their momentum settings may differ)."""

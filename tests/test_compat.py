@@ -125,6 +125,13 @@ def _foreach_addcmul() -> None:
     assert tensors[0].tolist() == [4.0, 4.0]
 
 
+@check(_compat.foreach_addcdiv_)
+def _foreach_addcdiv() -> None:
+    tensors = [torch.ones(2)]
+    _compat.foreach_addcdiv_(tensors, [torch.full((2,), 3.0)], [torch.full((2,), 2.0)], value=-2.0)
+    assert tensors[0].tolist() == [-2.0, -2.0]
+
+
 @check(_compat.foreach_div)
 def _foreach_div() -> None:
     quotients = _compat.foreach_div([torch.full((2,), 3.0)], [torch.full((2,), 2.0)])
