@@ -5,7 +5,8 @@ ModelParallelStrategy over every process), 2 gloo processes on CPU, Lightning's 
 
 Three fits, each saving what the test compares to ``OUT_DIR/{name}_rank{r}.pt``: ``straight``
 (STEPS steps, distributed checkpoints every CHECKPOINT_EVERY steps), ``resumed`` (from the first
-of those checkpoints to STEPS) and ``validated`` (the module after ``fit``: the average).
+of those checkpoints to STEPS) and ``accumulated`` (ACCUMULATED_CONFIG: two micro-batches per
+step and clipping by norm).
 """
 
 from __future__ import annotations
@@ -41,8 +42,12 @@ class ShardedRegression(helpers.RegressionNet):
         shard_blocks(self.net, data_parallel_mesh(self.device_mesh, type(self).__name__))
 
 
-def make_model() -> ShardedRegression:
-    return ShardedRegression(QLABConfig(), dtype=torch.float64)
+# Two micro-batches per step (FSDP2 reduce-scatters after each) and a clip that is active.
+ACCUMULATED_CONFIG = QLABConfig(accumulate_batches=2, gradient_clip_norm=0.05)
+
+
+def make_model(config: QLABConfig = QLABConfig()) -> ShardedRegression:
+    return ShardedRegression(config, dtype=torch.float64)
 
 
 def data() -> Any:
@@ -54,12 +59,13 @@ def full(module: torch.nn.Module) -> dict[str, torch.Tensor]:
             for name, p in module.named_parameters()}
 
 
-def _fit(out: Path, name: str, ckpt_path: Any = None, **trainer_settings: Any) -> None:
-    model, dataset = make_model(), data()
+def _fit(out: Path, name: str, ckpt_path: Any = None, config: QLABConfig = QLABConfig(),
+         **trainer_settings: Any) -> None:
+    model, dataset = make_model(config), data()
     monitor = QLABMonitor(plot=False)
     trainer = helpers.quiet_trainer(
         devices=RANKS, strategy=FSDP2Strategy(),
-        max_steps=STEPS, callbacks=[monitor, *trainer_settings.pop("callbacks", [])],
+        max_steps=trainer_settings.pop("max_steps", STEPS), callbacks=[monitor, *trainer_settings.pop("callbacks", [])],
         use_distributed_sampler=False, default_root_dir=out, **trainer_settings,
     )
     loader = DataLoader(dataset, batch_size=BATCH, sampler=helpers.RankStrideSampler(dataset))
@@ -92,6 +98,7 @@ def main(out: Path) -> None:
                                   save_on_train_epoch_end=True)  # at the end of each epoch of CHECKPOINT_EVERY steps
     _fit(out, "straight", callbacks=[checkpoints], enable_checkpointing=True)
     _fit(out, "resumed", ckpt_path=out / "checkpoints" / f"step={CHECKPOINT_EVERY}.ckpt")
+    _fit(out, "accumulated", config=ACCUMULATED_CONFIG, max_steps=STEPS // 2)
 
 
 if __name__ == "__main__":

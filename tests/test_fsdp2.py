@@ -66,6 +66,22 @@ def test_sharded_run_equals_one_process_on_the_global_batches(out):
         torch.testing.assert_close(rank0["average"][name], value.detach(), rtol=1e-9, atol=1e-12, msg=name)
 
 
+def test_accumulation_and_clipping_equal_one_process(out):
+    """Two micro-batches per step (each backward reduce-scatters under FSDP2) and a clip by the norm
+    of the whole gradient, against one process with the same micro-batches."""
+    model, data = RegressionNet(helpers.ACCUMULATED_CONFIG, dtype=torch.float64), helpers.data()
+    monitor = QLABMonitor(plot=False)
+    trainer = quiet_trainer(max_steps=helpers.STEPS // 2, callbacks=[monitor])
+    trainer.fit(model, DataLoader(data, batch_size=helpers.RANKS * helpers.BATCH, shuffle=False))
+    rank0, rank1 = _ranks(out, "accumulated")
+    assert rank0["global_step"] == trainer.global_step == helpers.STEPS // 2
+    assert rank0["step_sizes"] == rank1["step_sizes"]
+    torch.testing.assert_close(torch.tensor(rank0["step_sizes"]), torch.tensor(list(monitor.step_sizes)),
+                               rtol=1e-9, atol=0)
+    for name, value in model.named_parameters():
+        torch.testing.assert_close(rank0["average"][name], value.detach(), rtol=1e-9, atol=1e-12, msg=name)
+
+
 def test_resume_from_a_distributed_checkpoint_equals_the_uninterrupted_run(out):
     """Resumed at step 10 (between probes): the training weights, the average, QLAB's held step and
     moments all come back from the shards; the remaining 10 steps are bitwise the same."""
