@@ -8,8 +8,11 @@ Lightning glue on top: :mod:`~lightning_qlab.mixin` (QLAB inside a LightningModu
 :mod:`~lightning_qlab.callback`, :mod:`~lightning_qlab.models` <- :mod:`~lightning_qlab.cli`. Beside
 them, for runs that resume exactly: :mod:`~lightning_qlab.seeding` (each training batch's random
 draws), :mod:`~lightning_qlab.data.order` (the training order), :mod:`~lightning_qlab.preemption`
-(SIGTERM) and :mod:`~lightning_qlab.checkpoints` (finding and checking checkpoints). Every use of a
-private torch or Lightning name is in :mod:`~lightning_qlab._compat`.
+(SIGTERM) and :mod:`~lightning_qlab.checkpoints` (finding and checking checkpoints). For sharded
+training: :mod:`~lightning_qlab.sharding` (sums over sharded parameters, used by the optimizer),
+:mod:`~lightning_qlab.sharded_average` (the average of an FSDP2 module) and
+:mod:`~lightning_qlab.strategies` (FSDP2 over every process). Every use of a private torch or
+Lightning name is in :mod:`~lightning_qlab._compat`.
 """
 
 from lightning_qlab.averaging import PolynomialAveraging, polynomial_decay_multi_avg_fn
@@ -18,9 +21,11 @@ from lightning_qlab.mixin import QLABConfig, QLABMixin
 from lightning_qlab.optimizer import QLAB, QLABStep, solve_step_size
 from lightning_qlab.preemption import Preemption
 from lightning_qlab.seeding import StepSeeding
+from lightning_qlab.strategies import FSDP2Strategy
 from lightning_qlab.trial import TrialForward
 
 __all__ = [
+    "FSDP2Strategy",
     "PolynomialAveraging",
     "Preemption",
     "QLAB",
