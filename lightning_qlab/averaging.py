@@ -122,7 +122,9 @@ class PolynomialAveraging(WeightAveraging):
     still resumes exactly), keeps the average on the module's device, and stays out of
     ``validate``/``test``/``predict`` calls, which evaluate what the module or checkpoint holds.
     The average costs one extra copy of the parameters and buffers in memory, and one fused
-    ``lerp`` over them per step.
+    ``lerp`` over them per step. Under FSDP2 (``ModelParallelStrategy``) the copy is of each
+    process's shards, and checkpoints nest the training weights inside ``state_dict`` (see
+    :mod:`lightning_qlab.sharded_average`); under FSDP1 the callback refuses to run.
 
     Why ``eta = 8``: ``eta`` sets how fast early iterates are forgotten; the centre of mass of
     the average sits at ``(eta + 1) / (eta + 2)`` of the run (0.9 for eta = 8). Too small keeps
