@@ -60,7 +60,7 @@ def clip_gradients(
     dtype = wide_dtype(grads[0].dtype)
 
     def total_norm() -> Tensor:
-        return layout.sum(torch.stack(foreach_norm(grads, dtype)).square().unsqueeze(1))[0].sqrt()
+        return layout.total(torch.stack(foreach_norm(grads, dtype)).square()).sqrt()
 
     total = total_norm()
     if not math.isfinite(total.item()):

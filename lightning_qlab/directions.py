@@ -74,7 +74,8 @@ class Direction:
 
     def move(self, group: dict, states: list[dict], params: list[Tensor], probed: list[Tensor], reused: Any,
              t: int, step_size: float) -> None:
-        """``w <- w - step_size * u`` in place (``u = d`` unless the direction steps along its momentum)."""
+        """``w <- w - step_size * u`` in place (``u = d`` unless the direction steps along its momentum);
+        safeguarded mode only: paper mode steps along the probed direction itself."""
         _compat.foreach_add_(params, probed, -step_size)
 
     def fused_step(self, group: dict, params: list[Tensor], grads: list[Tensor], states: list[dict], lr: float,
@@ -181,8 +182,7 @@ class Adam(RMSprop):
         return _compat.foreach_div(grads, denominators), denominators
 
     def move(self, group, states, params, probed, reused, t, step_size):
-        if reused is None:  # paper mode: u was the probed direction
-            return super().move(group, states, params, probed, reused, t, step_size)
+        # (Paper mode steps along the probed direction itself; QLAB does not call move then.)
         # w - a m / ((1 - beta1^t) (sqrt(v_hat) + eps)): Adam's step, with the probe's denominators.
         _compat.foreach_addcdiv_(params, [s["exp_avg"] for s in states], reused,
                                  -step_size / (1.0 - group["betas"][0] ** t))

@@ -548,7 +548,7 @@ class QLAB(Optimizer):
                     groups: list, layout: ShardLayout) -> Tensor:
         """A step of the held size along the direction, in fused kernels; reads nothing."""
         dtype = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
-        total = layout.sum(torch.stack(_compat.foreach_norm(grads, dtype)).unsqueeze(1))[0]
+        total = layout.total(torch.stack(_compat.foreach_norm(grads, dtype)))
         found_inf = (~torch.isfinite(total)).to(torch.float32)
         step_size = self.trial_distance
         direction = _DIRECTION_TABLE[self.direction]
@@ -570,7 +570,7 @@ class QLAB(Optimizer):
         paper = self.mode == "paper"
         # Non-finite entries are zeroed: the step is skipped below. Every process must know |g|^2
         # before the moments are updated (a skipped step must change no buffer on any of them).
-        grad_sq = layout.sum(finite_gradients(grads).unsqueeze(1))[0]
+        grad_sq = layout.total(finite_gradients(grads))
         # Nothing may change for a step that is skipped: keep = 0 makes the moment updates the
         # identity. Without reduce_losses the loss is known here; with it, every rank must update
         # its moments alike, so only the gradient (the same on every rank) decides.
@@ -589,7 +589,7 @@ class QLAB(Optimizer):
             group_probed, group_reused = direction.probe(group, states[start:end], grads[start:end], t, paper)
             probed += group_probed
             reused.append(group_reused)
-        g_dot_d = layout.sum(_dots(grads, probed).unsqueeze(1))[0]
+        g_dot_d = layout.total(_dots(grads, probed))
         beta = self.trial_distance
         if beta * beta < sys.float_info.min:
             # The curvature A = (...) / beta^2 can no longer be represented (beta^2 is zero or

@@ -102,6 +102,10 @@ class ShardLayout:
             by_kind[rows] = packed
         return by_kind.sum(0)
 
+    def total(self, per_param: Tensor) -> Tensor:
+        """One global sum: ``per_param`` holds each parameter's local part of it."""
+        return self.sum(per_param.unsqueeze(1))[0]
+
 
 def data_parallel_mesh(mesh: Any, owner: str) -> Any:
     """The data-parallel dimension of Lightning's ``ModelParallelStrategy`` mesh; a clear error when

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,15 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 from lightning_qlab.callback import QLABMonitor
 from lightning_qlab.mixin import QLABConfig, QLABMixin
 from lightning_qlab.preemption import Preemption
+
+
+def run_worker(script: Path, out_dir: Path, **env: str) -> None:
+    """Run a multi-process test worker (``python SCRIPT OUT_DIR``) in ``out_dir``; fail with its
+    output's tail unless it exits cleanly."""
+    completed = subprocess.run([sys.executable, str(script), str(out_dir)], cwd=out_dir,
+                               env=dict(os.environ, PYTHONWARNINGS="ignore", **env),
+                               capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
 
 
 def quiet_trainer(**kwargs: Any) -> Trainer:

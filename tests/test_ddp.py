@@ -10,9 +10,6 @@ comparison covers the steps and the averaging together.
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,12 +26,7 @@ HELPERS = Path(helpers.__file__).resolve()
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
     out_dir = tmp_path_factory.mktemp("ddp")
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    completed = subprocess.run(
-        [sys.executable, str(HELPERS), str(out_dir)], cwd=out_dir, env=env, capture_output=True, text=True,
-        timeout=600,
-    )
-    assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
+    helpers.run_worker(HELPERS, out_dir)
     if importlib.util.find_spec("matplotlib") is not None:  # QLABMonitor's plot, by rank 0 only
         assert sorted(path.name for path in out_dir.glob("*.png")) == ["batch_norm.png", "plain.png"]
     return {

@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.utils.data import DataLoader
 
 import fsdp2_helpers as helpers
-from lightning_helpers import RegressionNet, quiet_trainer
+from lightning_helpers import RegressionNet, quiet_trainer, run_worker
 from lightning_qlab.callback import QLABMonitor
 
 WORKER = Path(helpers.__file__).resolve()
@@ -30,10 +30,7 @@ REPO = WORKER.parents[1]
 @pytest.fixture(scope="module")
 def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out_dir = tmp_path_factory.mktemp("fsdp2")
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    completed = subprocess.run([sys.executable, str(WORKER), str(out_dir)], cwd=out_dir, env=env,
-                               capture_output=True, text=True, timeout=600)
-    assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
+    run_worker(WORKER, out_dir)
     return out_dir
 
 

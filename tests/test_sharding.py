@@ -6,15 +6,13 @@ ranks). Each saves what is compared here: the gathered parameters, the step size
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import sharded_helpers as helpers
+from lightning_helpers import run_worker
 
 HELPERS = Path(helpers.__file__).resolve()
 
@@ -22,10 +20,7 @@ HELPERS = Path(helpers.__file__).resolve()
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("sharded")
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    completed = subprocess.run([sys.executable, str(HELPERS), str(out)], cwd=out, env=env,
-                               capture_output=True, text=True, timeout=600)
-    assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
+    run_worker(HELPERS, out, OMP_NUM_THREADS="1")
     return out
 
 
