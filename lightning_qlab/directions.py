@@ -2,14 +2,15 @@
 
 Every direction keeps its per-parameter state (moment buffers) and answers three questions:
 
-* ``probe``: the vector ``d`` the parabola is fitted along. In ``"safeguarded"`` mode it is a
+* ``probe``: the ray ``d`` the parabola is fitted along. In ``"safeguarded"`` mode it is a
   descent direction for the current mini-batch (``g`` or the RMS-scaled ``g``), so the fit is
-  meaningful; in ``"paper"`` mode it is the direction itself, as QLABGrad (v1) fits it.
+  meaningful; in ``"paper"`` mode it is the direction itself, as QLABGrad (v1) fits it. A
+  :class:`Ray` keeps ``d`` as ``scale * numerators / denominators`` without materialising it: a
+  probing step's cost is mostly passes over the parameters, and on the CPU each new
+  parameter-sized tensor also pays for fresh memory.
 * ``move``: ``w <- w - a u``, the step along the vector ``u`` the parameters move along. For
   ``sgd`` and ``rmsprop`` ``u`` is ``d``; ``momentum`` and ``adam`` step along their momentum,
-  which carries past gradients. ``u`` is not materialised: Adam's step is one ``addcdiv`` with
-  the denominators its probe computed (a probing step's cost is mostly such passes over the
-  parameters, each a fresh allocation on the CPU).
+  which carries past gradients (Adam's step is one ``addcdiv`` with its probe's denominators).
 * ``edge``: how many fitted minimisers the step can be before the update diverges on a
   quadratic (the stability edge): 2 without momentum; ``2 (1 + mu)`` for the heavy ball;
   ``2 (1 + beta1) / (1 - beta1)`` for Adam's averaged momentum (Cohen et al., "Adaptive
@@ -28,7 +29,8 @@ finite, as ``torch.amp.GradScaler`` does.
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -36,7 +38,7 @@ from torch import Tensor
 from lightning_qlab import _compat
 from lightning_qlab._checks import wide_dtype
 
-__all__ = ["DIRECTIONS", "Direction", "finite_gradients"]
+__all__ = ["DIRECTIONS", "Direction", "Ray", "finite_gradients"]
 
 
 def finite_gradients(grads: list[Tensor]) -> Tensor:
@@ -48,6 +50,32 @@ def finite_gradients(grads: list[Tensor]) -> Tensor:
     for grad in grads:
         grad.nan_to_num_(0.0, 0.0, 0.0)
     return squared_norms
+
+
+@dataclass(frozen=True)
+class Ray:
+    """The probed direction ``d = scale * numerators / denominators`` (``scale * numerators``
+    without denominators), tensor by tensor, never materialised."""
+
+    numerators: list[Tensor]
+    denominators: Optional[list[Tensor]] = None
+    scale: float = 1.0
+
+    def dots(self, grads: list[Tensor]) -> Tensor:
+        """The vector of ``<g_i, d_i>`` in float32 or wider, on the device (one parameter's
+        quotient at a time: the temporary is one tensor's size, not the model's)."""
+        dtype = wide_dtype(grads[0].dtype)
+        denominators = self.denominators or [None] * len(grads)
+        dots = [torch.vdot(g.reshape(-1).to(dtype), (n if den is None else n / den).reshape(-1).to(dtype))
+                for g, n, den in zip(grads, self.numerators, denominators)]
+        return torch.stack(dots) * self.scale
+
+    def shift_(self, params: list[Tensor], distance: float) -> None:
+        """``w <- w - distance * d`` in place."""
+        if self.denominators is None:
+            _compat.foreach_add_(params, self.numerators, -distance * self.scale)
+        else:
+            _compat.foreach_addcdiv_(params, self.numerators, self.denominators, -distance * self.scale)
 
 
 def _decay(rate: float, keep: Tensor) -> Tensor:
@@ -67,16 +95,15 @@ class Direction:
     def update_moments(self, group: dict, states: list[dict], grads: list[Tensor], keep: Tensor, t: int) -> None:
         """Add this step's gradient to the buffers (nothing when ``keep`` is 0)."""
 
-    def probe(self, group: dict, states: list[dict], grads: list[Tensor], t: int, paper: bool
-              ) -> tuple[list[Tensor], Any]:
-        """``d``, and what :meth:`move` may reuse (``None``, or Adam's denominators)."""
+    def probe(self, group: dict, states: list[dict], grads: list[Tensor], t: int, paper: bool) -> Ray:
+        """The ray ``d`` to fit along."""
         raise NotImplementedError
 
-    def move(self, group: dict, states: list[dict], params: list[Tensor], probed: list[Tensor], reused: Any,
-             t: int, step_size: float) -> None:
+    def move(self, group: dict, states: list[dict], params: list[Tensor], ray: Ray, t: int, step_size: float
+             ) -> None:
         """``w <- w - step_size * u`` in place (``u = d`` unless the direction steps along its momentum);
-        safeguarded mode only: paper mode steps along the probed direction itself."""
-        _compat.foreach_add_(params, probed, -step_size)
+        safeguarded mode only: paper mode steps along the probed ray itself."""
+        ray.shift_(params, step_size)
 
     def fused_step(self, group: dict, params: list[Tensor], grads: list[Tensor], states: list[dict], lr: float,
                    found_inf: Tensor, steps: list[Tensor]) -> None:
@@ -89,7 +116,7 @@ class SGD(Direction):
     name = "sgd"
 
     def probe(self, group, states, grads, t, paper):
-        return grads, None
+        return Ray(grads)
 
     def fused_step(self, group, params, grads, states, lr, found_inf, steps):
         _decay_weights(group, params, lr, found_inf)
@@ -112,9 +139,9 @@ class Momentum(Direction):
         _compat.foreach_add_(buffers, grads)  # a zeroed gradient adds nothing
 
     def probe(self, group, states, grads, t, paper):
-        return ([s["momentum_buffer"] for s in states] if paper else grads), None
+        return Ray([s["momentum_buffer"] for s in states] if paper else grads)
 
-    def move(self, group, states, params, probed, reused, t, step_size):
+    def move(self, group, states, params, ray, t, step_size):
         _compat.foreach_add_(params, [s["momentum_buffer"] for s in states], -step_size)
 
     def fused_step(self, group, params, grads, states, lr, found_inf, steps):
@@ -136,16 +163,15 @@ class RMSprop(Direction):
         _compat.foreach_mul_(squares, _decay(beta2, keep))
         _compat.foreach_addcmul_(squares, grads, grads, 1.0 - beta2)
 
-    def denominators(self, group, states, t):
-        """``sqrt(v_hat) + eps`` for every parameter."""
-        beta2 = group["betas"][1]
+    def ray(self, group, states, numerators, t) -> Ray:
+        """``numerators / (sqrt(v_hat) + eps)``."""
         denominators = _compat.foreach_sqrt([s["exp_avg_sq"] for s in states])
-        _compat.foreach_div_(denominators, math.sqrt(1.0 - beta2**t))
+        _compat.foreach_div_(denominators, math.sqrt(1.0 - group["betas"][1] ** t))
         _compat.foreach_add_(denominators, group["eps"])
-        return denominators
+        return Ray(numerators, denominators)
 
     def probe(self, group, states, grads, t, paper):
-        return _compat.foreach_div(grads, self.denominators(group, states, t)), None
+        return self.ray(group, states, grads, t)
 
     def fused_step(self, group, params, grads, states, lr, found_inf, steps):
         # Adam's kernel with beta1 = 0 is this update; its first moment would just be a copy of the
@@ -174,17 +200,14 @@ class Adam(RMSprop):
         super().update_moments(group, states, grads, keep, t)
 
     def probe(self, group, states, grads, t, paper):
-        denominators = self.denominators(group, states, t)
         if paper:  # the fit along u = m_hat / (sqrt(v_hat) + eps) itself
-            directions = _compat.foreach_div([s["exp_avg"] for s in states], denominators)
-            _compat.foreach_div_(directions, 1.0 - group["betas"][0] ** t)
-            return directions, None
-        return _compat.foreach_div(grads, denominators), denominators
+            ray = self.ray(group, states, [s["exp_avg"] for s in states], t)
+            return Ray(ray.numerators, ray.denominators, 1.0 / (1.0 - group["betas"][0] ** t))
+        return self.ray(group, states, grads, t)
 
-    def move(self, group, states, params, probed, reused, t, step_size):
-        # (Paper mode steps along the probed direction itself; QLAB does not call move then.)
-        # w - a m / ((1 - beta1^t) (sqrt(v_hat) + eps)): Adam's step, with the probe's denominators.
-        _compat.foreach_addcdiv_(params, [s["exp_avg"] for s in states], reused,
+    def move(self, group, states, params, ray, t, step_size):
+        # w - a m_hat / (sqrt(v_hat) + eps): Adam's step, with the denominators of the probe's ray.
+        _compat.foreach_addcdiv_(params, [s["exp_avg"] for s in states], ray.denominators,
                                  -step_size / (1.0 - group["betas"][0] ** t))
 
     def fused_step(self, group, params, grads, states, lr, found_inf, steps):

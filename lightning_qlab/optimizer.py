@@ -46,7 +46,7 @@ from torch.optim import Optimizer
 from lightning_qlab import _compat
 from lightning_qlab._checks import is_integer, is_number, wide_dtype
 from lightning_qlab.directions import DIRECTIONS as _DIRECTION_TABLE
-from lightning_qlab.directions import finite_gradients
+from lightning_qlab.directions import Ray, finite_gradients
 from lightning_qlab.sharding import ShardLayout, local
 
 __all__ = [
@@ -579,17 +579,15 @@ class QLAB(Optimizer):
             keep = keep * torch.isfinite(loss).to(keep)
         _compat.foreach_mul_(grads, keep.to(grads[0].dtype))  # a skipped step adds no gradient to the moments
         t = self.direction_updates
-        probed: list[Tensor] = []
-        reused: list[Any] = []  # per group: what the direction's move reuses from its probe
+        rays: list[Optional[Ray]] = []  # per group: the ray d is fitted along (None for an empty group)
         for group, start, end in groups:
             if end == start:
-                reused.append(None)
+                rays.append(None)
                 continue
             direction.update_moments(group, states[start:end], grads[start:end], keep, t)
-            group_probed, group_reused = direction.probe(group, states[start:end], grads[start:end], t, paper)
-            probed += group_probed
-            reused.append(group_reused)
-        g_dot_d = layout.total(_dots(grads, probed))
+            rays.append(direction.probe(group, states[start:end], grads[start:end], t, paper))
+        g_dot_d = layout.total(torch.cat([ray.dots(grads[start:end])
+                                          for ray, (_, start, end) in zip(rays, groups) if ray is not None]))
         beta = self.trial_distance
         if beta * beta < sys.float_info.min:
             # The curvature A = (...) / beta^2 can no longer be represented (beta^2 is zero or
@@ -604,7 +602,7 @@ class QLAB(Optimizer):
         # w itself, kept until the step: coming back by adding beta d again would leave a rounding
         # error of the size of beta d, more than the step when the fit asks for a much shorter one.
         origin = [p.detach().clone() for p in params]
-        _compat.foreach_add_(params, probed, -beta)
+        _shift(rays, groups, params, beta)
         c, trial, gd, squared, unread = self._read(loss, trial_loss_fn, reduce_losses, params, origin, beta,
                                                    [g_dot_d, grad_sq, self._unread_skips])
         self._count_unread_skips(unread)
@@ -627,7 +625,7 @@ class QLAB(Optimizer):
 
             def probe(from_distance: float, to_distance: float) -> float:
                 """Move from w - from_distance d to w - to_distance d; the trial loss there."""
-                _compat.foreach_add_(params, probed, from_distance - to_distance)
+                _shift(rays, groups, params, to_distance - from_distance)
                 return self._read(loss, trial_loss_fn, reduce_losses, params, origin, to_distance)[1]
 
             resolution = RESOLVED_CURVATURE_EPS * torch.finfo(loss.dtype).eps
@@ -646,30 +644,29 @@ class QLAB(Optimizer):
                 event = event or edge_event
             self.trial_distance = held
             step_size = 0.0 if solution.event == "nonfinite_trial" else held
-        self._move(params, origin, probed, reused, states, groups, step_size)
+        self._move(params, origin, rays, states, groups, step_size)
         if solution.event is not None:
             self.events[solution.event] += 1
         self._record(step_size, beta, solution.curvature, c, trial, -gd, event, probes)
         return loss
 
     # ------------------------------------------------------------------ internals
-    def _move(self, params: list[Tensor], origin: list[Tensor], probed: list[Tensor], reused: list[Any],
-              states: list[dict], groups: list, step_size: float) -> None:
+    def _move(self, params: list[Tensor], origin: list[Tensor], rays: list[Optional[Ray]], states: list[dict],
+              groups: list, step_size: float) -> None:
         """From the trial point to ``w (1 - a lambda) - a u`` (``origin`` holds ``w``), group by group."""
         _compat.foreach_copy_(params, origin)
         direction = _DIRECTION_TABLE[self.direction]
-        for (group, start, end), group_reused in zip(groups, reused):
-            if end == start:
+        for (group, start, end), ray in zip(groups, rays):
+            if ray is None:
                 continue
             group_params = params[start:end]
             decay = group["weight_decay"] * step_size
             if decay != 0.0:
                 _compat.foreach_mul_(group_params, 1.0 - decay)
             if self.mode == "paper":
-                _compat.foreach_add_(group_params, probed[start:end], -step_size)
+                ray.shift_(group_params, step_size)
             else:
-                direction.move(group, states[start:end], group_params, probed[start:end], group_reused,
-                               self.direction_updates, step_size)
+                direction.move(group, states[start:end], group_params, ray, self.direction_updates, step_size)
 
     def _stability_edge(self) -> float:
         """The smallest stability edge over the groups (their momentum settings may differ)."""
@@ -881,7 +878,8 @@ def _checked(value: Any, name: str, what: str) -> Tensor:
     return value
 
 
-def _dots(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
-    """The vector of <x_i, y_i> in float32 or wider, on the device."""
-    dtype = wide_dtype(xs[0].dtype)
-    return torch.stack([torch.vdot(x.reshape(-1).to(dtype), y.reshape(-1).to(dtype)) for x, y in zip(xs, ys)])
+def _shift(rays: list[Optional["Ray"]], groups: list, params: list[Tensor], distance: float) -> None:
+    """``w <- w - distance * d`` for every group's ray."""
+    for ray, (_, start, end) in zip(rays, groups):
+        if ray is not None:
+            ray.shift_(params[start:end], distance)

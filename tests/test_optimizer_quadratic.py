@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from lightning_qlab.directions import Ray
 from lightning_qlab.optimizer import GROWTH_LIMIT, QLAB, StepEstimate, StepSolution, next_held_step, solve_step_size
 
 DIM = (5, 3)  # the parameter vector is split into two tensors, in two groups
@@ -265,3 +266,25 @@ def test_solve_on_negative_curvature(mode: str, step: float) -> None:
 def test_solve_on_a_nonfinite_trial_loss_takes_no_step_and_halves(mode: str, trial: float) -> None:
     sol = solve_step_size(1.0, trial, -2.0, 0.5, mode)
     assert (sol.step_size, sol.next_trial_distance, sol.event) == (0.0, 0.25, "nonfinite_trial")
+
+
+@pytest.mark.parametrize("with_denominators", [False, True])
+def test_a_ray_is_the_direction_it_stands_for(with_denominators: bool) -> None:
+    """A probe's ray is ``d = scale * n / den`` without materialising ``d``: its slopes and
+    shifts equal the ones taken with ``d`` written out, in float64 (three parameters, one empty)."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(3, 4), (0,), (5,)]
+    grads = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    numerators = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    denominators = [torch.rand(s, generator=gen, dtype=torch.float64) + 0.5 for s in shapes] if with_denominators else None
+    ray = Ray(numerators, denominators, scale=0.3)
+    written_out = [0.3 * n / den for n, den in zip(numerators, denominators)] if with_denominators else \
+        [0.3 * n for n in numerators]
+
+    expected_dots = torch.stack([(g * d).sum() for g, d in zip(grads, written_out)])
+    torch.testing.assert_close(ray.dots(grads), expected_dots, rtol=1e-14, atol=0)
+    params = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    expected = [w - 1.7 * d for w, d in zip(params, written_out)]
+    ray.shift_(params, 1.7)
+    for w, e in zip(params, expected):
+        torch.testing.assert_close(w, e, rtol=1e-14, atol=1e-15)

@@ -65,22 +65,25 @@ def train(model: nn.Module, opt: QLAB, first_step: int, steps: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "direction, mode",
-    [("sgd", "safeguarded"), ("rmsprop", "safeguarded"), ("momentum", "safeguarded"), ("adam", "safeguarded"),
-     ("adam", "paper")],
+    "direction, mode, half",
+    # The published rule along Adam's direction grows its step without bound on this problem (the
+    # README's known limitations) and meets non-finite gradients after about 190 steps: it is
+    # resumed halfway through its first 120, while it still trains.
+    [("sgd", "safeguarded", 100), ("rmsprop", "safeguarded", 100), ("momentum", "safeguarded", 100),
+     ("adam", "safeguarded", 100), ("sgd", "paper", 100), ("adam", "paper", 60)],
 )
-def test_resume_is_bit_for_bit(direction: str, mode: str) -> None:
+def test_resume_is_bit_for_bit(direction: str, mode: str, half: int) -> None:
     torch.manual_seed(0)
     straight_model = fresh_model()
     initial_weights = {k: v.clone() for k, v in straight_model.state_dict().items()}
     straight_opt = fresh_optimizer(straight_model, direction, mode)
-    train(straight_model, straight_opt, 0, 200)
+    train(straight_model, straight_opt, 0, 2 * half)
 
     torch.manual_seed(0)
     first_model = fresh_model()
     assert all(torch.equal(v, initial_weights[k]) for k, v in first_model.state_dict().items())
     first_opt = fresh_optimizer(first_model, direction, mode)
-    train(first_model, first_opt, 0, 100)
+    train(first_model, first_opt, 0, half)
     buffer = io.BytesIO()
     torch.save({"model": first_model.state_dict(), "optimizer": first_opt.state_dict()}, buffer)
     del first_model, first_opt
@@ -92,7 +95,7 @@ def test_resume_is_bit_for_bit(direction: str, mode: str) -> None:
     resumed_model.load_state_dict(checkpoint["model"])
     resumed_opt = fresh_optimizer(resumed_model, direction, mode)
     resumed_opt.load_state_dict(checkpoint["optimizer"])
-    train(resumed_model, resumed_opt, 100, 100)
+    train(resumed_model, resumed_opt, half, half)
 
     for (name, a), b in zip(straight_model.state_dict().items(), resumed_model.state_dict().values()):
         assert torch.equal(a, b), f"{name} differs after resuming"
@@ -104,7 +107,7 @@ def test_resume_is_bit_for_bit(direction: str, mode: str) -> None:
     assert straight_opt.last_step == resumed_opt.last_step
     assert [g["lr"] for g in straight_opt.param_groups] == [g["lr"] for g in resumed_opt.param_groups]
     # The run did something worth resuming (paper mode has no warm start).
-    assert straight_opt.steps == 200 and straight_opt.warm_started == (mode == "safeguarded")
+    assert straight_opt.steps == 2 * half and straight_opt.warm_started == (mode == "safeguarded")
     assert straight_opt.last_step.step_size > 0
 
 
