@@ -276,7 +276,8 @@ def test_a_ray_is_the_direction_it_stands_for(with_denominators: bool) -> None:
     shapes = [(3, 4), (0,), (5,)]
     grads = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
     numerators = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
-    denominators = [torch.rand(s, generator=gen, dtype=torch.float64) + 0.5 for s in shapes] if with_denominators else None
+    denominators = ([torch.rand(s, generator=gen, dtype=torch.float64) + 0.5 for s in shapes]
+                    if with_denominators else None)
     ray = Ray(numerators, denominators, scale=0.3)
     written_out = [0.3 * n / den for n, den in zip(numerators, denominators)] if with_denominators else \
         [0.3 * n for n in numerators]
