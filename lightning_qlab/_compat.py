@@ -24,7 +24,6 @@ __all__ = [
     "foreach_add_",
     "foreach_addcmul_",
     "foreach_addcdiv_",
-    "foreach_div",
     "foreach_div_",
     "foreach_sqrt",
     "foreach_norm",
@@ -123,12 +122,6 @@ def foreach_addcmul_(tensors: list[Tensor], first: list[Tensor], second: list[Te
 def foreach_addcdiv_(tensors: list[Tensor], numerators: list[Tensor], denominators: list[Tensor], value: float) -> None:
     """``t.addcdiv_(n, d, value=value)`` for every triple, in one fused call."""
     torch._foreach_addcdiv_(tensors, numerators, denominators, value=value)
-
-
-@_private("torch._foreach_div")
-def foreach_div(tensors: list[Tensor], divisors: list[Tensor]) -> list[Tensor]:
-    """``t / d`` for every pair, as new tensors."""
-    return list(torch._foreach_div(tensors, divisors))
 
 
 @_private("torch._foreach_div_")

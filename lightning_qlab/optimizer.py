@@ -878,7 +878,7 @@ def _checked(value: Any, name: str, what: str) -> Tensor:
     return value
 
 
-def _shift(rays: list[Optional["Ray"]], groups: list, params: list[Tensor], distance: float) -> None:
+def _shift(rays: list[Optional[Ray]], groups: list, params: list[Tensor], distance: float) -> None:
     """``w <- w - distance * d`` for every group's ray."""
     for ray, (_, start, end) in zip(rays, groups):
         if ray is not None:

@@ -132,12 +132,6 @@ def _foreach_addcdiv() -> None:
     assert tensors[0].tolist() == [-2.0, -2.0]
 
 
-@check(_compat.foreach_div)
-def _foreach_div() -> None:
-    quotients = _compat.foreach_div([torch.full((2,), 3.0)], [torch.full((2,), 2.0)])
-    assert quotients[0].tolist() == [1.5, 1.5]
-
-
 @check(_compat.foreach_div_)
 def _foreach_div_() -> None:
     tensors = [torch.full((2,), 3.0)]
