@@ -579,15 +579,12 @@ class QLAB(Optimizer):
             keep = keep * torch.isfinite(loss).to(keep)
         _compat.foreach_mul_(grads, keep.to(grads[0].dtype))  # a skipped step adds no gradient to the moments
         t = self.direction_updates
-        rays: list[Optional[Ray]] = []  # per group: the ray d is fitted along (None for an empty group)
+        rays: list[tuple[dict, int, int, Ray]] = []  # per group with gradients: its slice and the ray d
         for group, start, end in groups:
-            if end == start:
-                rays.append(None)
-                continue
-            direction.update_moments(group, states[start:end], grads[start:end], keep, t)
-            rays.append(direction.probe(group, states[start:end], grads[start:end], t, paper))
-        g_dot_d = layout.total(torch.cat([ray.dots(grads[start:end])
-                                          for ray, (_, start, end) in zip(rays, groups) if ray is not None]))
+            if end > start:
+                direction.update_moments(group, states[start:end], grads[start:end], keep, t)
+                rays.append((group, start, end, direction.probe(group, states[start:end], grads[start:end], t, paper)))
+        g_dot_d = layout.total(torch.cat([ray.dots(grads[start:end]) for _, start, end, ray in rays]))
         beta = self.trial_distance
         if beta * beta < sys.float_info.min:
             # The curvature A = (...) / beta^2 can no longer be represented (beta^2 is zero or
@@ -602,7 +599,7 @@ class QLAB(Optimizer):
         # w itself, kept until the step: coming back by adding beta d again would leave a rounding
         # error of the size of beta d, more than the step when the fit asks for a much shorter one.
         origin = [p.detach().clone() for p in params]
-        _shift(rays, groups, params, beta)
+        _shift(rays, params, beta)
         c, trial, gd, squared, unread = self._read(loss, trial_loss_fn, reduce_losses, params, origin, beta,
                                                    [g_dot_d, grad_sq, self._unread_skips])
         self._count_unread_skips(unread)
@@ -625,7 +622,7 @@ class QLAB(Optimizer):
 
             def probe(from_distance: float, to_distance: float) -> float:
                 """Move from w - from_distance d to w - to_distance d; the trial loss there."""
-                _shift(rays, groups, params, to_distance - from_distance)
+                _shift(rays, params, to_distance - from_distance)
                 return self._read(loss, trial_loss_fn, reduce_losses, params, origin, to_distance)[1]
 
             resolution = RESOLVED_CURVATURE_EPS * torch.finfo(loss.dtype).eps
@@ -644,21 +641,19 @@ class QLAB(Optimizer):
                 event = event or edge_event
             self.trial_distance = held
             step_size = 0.0 if solution.event == "nonfinite_trial" else held
-        self._move(params, origin, rays, states, groups, step_size)
+        self._move(params, origin, rays, states, step_size)
         if solution.event is not None:
             self.events[solution.event] += 1
         self._record(step_size, beta, solution.curvature, c, trial, -gd, event, probes)
         return loss
 
     # ------------------------------------------------------------------ internals
-    def _move(self, params: list[Tensor], origin: list[Tensor], rays: list[Optional[Ray]], states: list[dict],
-              groups: list, step_size: float) -> None:
+    def _move(self, params: list[Tensor], origin: list[Tensor], rays: list[tuple[dict, int, int, Ray]],
+              states: list[dict], step_size: float) -> None:
         """From the trial point to ``w (1 - a lambda) - a u`` (``origin`` holds ``w``), group by group."""
         _compat.foreach_copy_(params, origin)
         direction = _DIRECTION_TABLE[self.direction]
-        for (group, start, end), ray in zip(groups, rays):
-            if ray is None:
-                continue
+        for group, start, end, ray in rays:
             group_params = params[start:end]
             decay = group["weight_decay"] * step_size
             if decay != 0.0:
@@ -878,8 +873,7 @@ def _checked(value: Any, name: str, what: str) -> Tensor:
     return value
 
 
-def _shift(rays: list[Optional[Ray]], groups: list, params: list[Tensor], distance: float) -> None:
+def _shift(rays: list[tuple[dict, int, int, Ray]], params: list[Tensor], distance: float) -> None:
     """``w <- w - distance * d`` for every group's ray."""
-    for ray, (_, start, end) in zip(rays, groups):
-        if ray is not None:
-            ray.shift_(params[start:end], distance)
+    for _, start, end, ray in rays:
+        ray.shift_(params[start:end], distance)
