@@ -59,8 +59,8 @@ class QLABMonitor(Callback):
             matplotlib; without it there is one warning and no plot).
         plot_filename: name of that PNG, written into ``trainer.log_dir`` (the first logger's
             folder) or ``trainer.default_root_dir`` when there is no logger.
-        safeguard_window: the number of recent probing steps (one in ``probe_every``, where the
-            safeguards act) the safeguard warning looks at.
+        safeguard_window: the number of recent probing steps (where the safeguards act) the
+            safeguard warning looks at.
         safeguard_share: the safeguards fire "persistently" when at least this share of the last
             ``safeguard_window`` probing steps ended with a safeguard event (an extrapolation cap, a
             non-positive curvature, a non-finite loss or gradient, a skipped step). One warning
@@ -75,7 +75,7 @@ class QLABMonitor(Callback):
         ``qlab/trial_distance``, ``qlab/curvature``, ``qlab/loss``, ``qlab/trial_loss``,
         ``qlab/probes`` and ``qlab/events/<name>``, the running count of each event. The fit
         (``trial_distance``, ``curvature``, ``loss``, ``trial_loss``) exists on the steps that
-        probe (one in ``probe_every``): QLAB reads nothing from the device on the others. Values
+        probe (the first, then one in 8 to one in 64): QLAB reads nothing from the device on the others. Values
         that are not finite (those, or the curvature of a skipped step) are left out; the event
         counts say why.
 

@@ -73,8 +73,8 @@ class QLABConfig:
         direction: what the parameters step along, passed to :class:`~lightning_qlab.optimizer.QLAB`:
             ``"adam"`` (default), ``"rmsprop"``, ``"sgd"`` (QLABGrad as published) or ``"momentum"``.
         mode: ``"safeguarded"`` (default) or ``"paper"``, passed to QLAB.
-        probe_every: fit the parabola on one step in this many (``None``: QLAB's default; paper
-            mode probes every step), passed to QLAB.
+        probe_every: fit the parabola on one step in this many, always (``None``: QLAB's default
+            schedule, one in 8 to one in 64; paper mode probes every step), passed to QLAB.
         initial_step: the first trial distance, passed to QLAB.
         weight_decay: decoupled weight decay, passed to QLAB.
         momentum: heavy-ball coefficient of the momentum direction, passed to QLAB.

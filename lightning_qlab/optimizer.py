@@ -14,8 +14,8 @@ The curvature ``A`` comes from one extra forward pass at the *trial point* ``w -
     A = (L(w - beta d) - c - b beta) / beta^2,    a* = -b / (2 A)
 
 ``mode="paper"`` is the published rule: every step probes at ``beta`` = the previous step and steps
-to ``a*``. The default ``mode="safeguarded"`` fits the same parabola, but only every
-``probe_every`` steps, and keeps a *held step* between probes (see :func:`next_held_step`):
+to ``a*``. The default ``mode="safeguarded"`` fits the same parabola on some steps only (see
+:func:`next_probe_interval`) and keeps a *held step* between probes (see :func:`next_held_step`):
 
 * the fitted minimiser of one mini-batch is short: sharpness rises to meet whatever step is taken
   (progressive sharpening), so a rule that always steps to ``a*`` keeps shrinking its own step.
@@ -27,7 +27,7 @@ to ``a*``. The default ``mode="safeguarded"`` fits the same parabola, but only e
   momentum.
 
 This module has no Lightning import: it is usable in any PyTorch loop. The maths of the rule lives
-in :func:`solve_step_size` and :func:`next_held_step`; the directions in
+in :func:`solve_step_size`, :func:`next_held_step` and :func:`next_probe_interval`; the directions in
 :mod:`lightning_qlab.directions`.
 """
 
@@ -56,6 +56,7 @@ __all__ = [
     "StepEstimate",
     "solve_step_size",
     "next_held_step",
+    "next_probe_interval",
     "check_settings",
     "saved_record",
     "DIRECTIONS",
@@ -108,10 +109,19 @@ MAX_WARM_START_PROBES = 80
 # probe at 1e-6) it came out as 1e-6 instead of 5.
 RESOLVED_CURVATURE_EPS = 32.0
 
-# Safeguarded mode fits the parabola on one step in PROBE_EVERY. The trial forward costs a third
-# of a training step or more; probing one step in 8 brings that to 4-5% while the held step is
-# re-estimated every few dozen steps, far more often than it changes (the README's figures).
+# Safeguarded mode probes on the first step and PROBE_EVERY steps later. The trial forward costs
+# a third of a training step or more; one probe in 8 brings that to 4-5%, and early in training,
+# when the held step is still being found, the second probe must come early: with 32 the
+# transformer panel's second probe met a 10x shorter fit at step 33 and held it (the README).
 PROBE_EVERY = 8
+
+# A probe whose fit agrees with the held step (within GROWTH_LIMIT of it either way, no
+# safeguard) doubles the interval to the next probe, up to LONGEST_PROBE_INTERVAL; any other
+# probe brings it back to PROBE_EVERY. Once the held step has settled the probes are then 1 in
+# 64, under 1% of a run for the trial forwards, while a fit that disagrees (sharpness moved) is
+# followed up 8 steps later. On the panels the held step moves by a few percent per hundred
+# steps once set (CIFAR-10: 3.8e-4 from step 9 to step ~800), so 64 steps hold it as well as 8.
+LONGEST_PROBE_INTERVAL = 64
 
 # The held step follows a running mean of log a* over the probes, with this weight on the past:
 # one probe's a* scatters by a factor of about 2 around its neighbours, and 0.9 averages over the
@@ -202,7 +212,8 @@ def check_settings(
     owner: str = "QLAB",
 ) -> int:
     """Raise ``ValueError``/``TypeError`` naming ``owner`` for a setting QLAB cannot use; return
-    the probing interval these settings give (1 in paper mode, :data:`PROBE_EVERY` by default).
+    the first probing interval these settings give (1 in paper mode, :data:`PROBE_EVERY` by
+    default, where :func:`next_probe_interval` lengthens it).
 
     The one place QLAB's arguments are checked: :class:`QLAB` and
     :class:`~lightning_qlab.mixin.QLABConfig` both call it with every argument (the defaults live
@@ -296,6 +307,32 @@ def next_held_step(held: float, estimate: StepEstimate, solution: StepSolution, 
     return smoothed if first else max(held, smoothed), estimate, None
 
 
+def next_probe_interval(interval: int, held: float, solution: StepSolution, safeguard: Optional[str]) -> int:
+    """The steps from this probe to the next, in safeguarded mode with the default schedule.
+
+    Args:
+        interval: the steps from the previous probe to this one.
+        held: the step held up to this probe (the probed distance).
+        solution: what :func:`solve_step_size` fitted at this probe.
+        safeguard: the event :func:`next_held_step` reported (``"stability_edge"``) or ``None``.
+
+    Returns:
+        Twice ``interval`` (at most :data:`LONGEST_PROBE_INTERVAL`) when the fit agrees with the
+        held step, within :data:`GROWTH_LIMIT` either way and with no event; otherwise
+        :data:`PROBE_EVERY`.
+
+    Example:
+        >>> agrees = solve_step_size(loss=1.0, trial_loss=0.5, slope=-1.0, trial_distance=1.0)  # a* = 1
+        >>> next_probe_interval(8, 1.0, agrees, None), next_probe_interval(64, 1.0, agrees, None)
+        (16, 64)
+        >>> next_probe_interval(64, 4.0, agrees, None)  # the fit is 4x shorter than the held step
+        8
+    """
+    agrees = (solution.event is None and safeguard is None
+              and held / GROWTH_LIMIT <= solution.step_size <= GROWTH_LIMIT * held)
+    return min(2 * interval, LONGEST_PROBE_INTERVAL) if agrees else PROBE_EVERY
+
+
 @dataclass(frozen=True)
 class QLABStep:
     """Diagnostics of the last :meth:`QLAB.step`, in the paper's terms.
@@ -328,8 +365,9 @@ class QLAB(Optimizer):
     ``trial_loss_fn`` there (under ``torch.no_grad``), fits a parabola to the training loss, the
     slope ``-(g . d)`` and the trial loss, and takes the step. In ``"paper"`` mode every step
     probes and steps to the fitted minimiser, as QLABGrad is published. In ``"safeguarded"``
-    mode (default) one step in ``probe_every`` probes; the others take a fused step of the held
-    step size without calling ``trial_loss_fn`` and without reading anything from the device.
+    mode (default) the first step probes, then one step in 8 to one in 64 (see
+    :func:`next_probe_interval`); the others take a fused step of the held step size without
+    calling ``trial_loss_fn`` and without reading anything from the device.
 
     Args:
         params: parameters or parameter groups, as for any torch optimizer.
@@ -343,8 +381,10 @@ class QLAB(Optimizer):
             gradient for adam and rmsprop, ``g`` for sgd and momentum); in paper mode along the
             direction itself.
         mode: ``"safeguarded"`` (default) or ``"paper"``. See the module docstring.
-        probe_every: probe one step in this many (safeguarded mode; default
-            :data:`PROBE_EVERY`). Paper mode probes every step.
+        probe_every: probe one step in this many, always (safeguarded mode). ``None``
+            (default): :data:`PROBE_EVERY` steps after the first probe, then up to
+            :data:`LONGEST_PROBE_INTERVAL` while the fits agree with the held step. Paper mode
+            probes every step.
         momentum: ``mu`` of the momentum direction (per group).
         betas: Adam's moment decay rates; rmsprop uses ``betas[1]`` (per group).
         eps: the denominator term of the adam and rmsprop directions (per group).
@@ -410,8 +450,9 @@ class QLAB(Optimizer):
         weight_decay: float = 0.0,
         shard_group: Optional[Any] = None,
     ) -> None:
-        self.probe_every = check_settings(initial_step, direction, mode, probe_every, momentum, betas, eps,
-                                          weight_decay)
+        self.probe_interval = check_settings(initial_step, direction, mode, probe_every, momentum, betas, eps,
+                                             weight_decay)
+        self.probe_every = probe_every
         self.direction = direction  # before the groups are added: add_param_group creates the buffers
         defaults = dict(lr=0.0, momentum=momentum, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
@@ -428,6 +469,7 @@ class QLAB(Optimizer):
         self.steps = 0  # calls to step() that reached the rule, skipped ones included
         self.direction_updates = 0  # the moments' step count t (bias corrections)
         self.warm_started = False
+        self.next_probe = 1  # the step that probes next (a skipped probe tries again on the next step)
         self.events: dict[str, int] = {name: 0 for name in EVENTS}
         self.last_step: Optional[QLABStep] = None
         self._unread_skips: Optional[Tensor] = None  # steps skipped on the device since the last read
@@ -450,6 +492,8 @@ class QLAB(Optimizer):
             "steps": self.steps,
             "direction_updates": self.direction_updates,
             "warm_started": self.warm_started,
+            "probe_interval": self.probe_interval,
+            "next_probe": self.next_probe,
             "events": dict(self.events),
             "direction": self.direction,
             "mode": self.mode,
@@ -469,7 +513,9 @@ class QLAB(Optimizer):
                 "QLAB.load_state_dict: this state dict holds no QLAB record (param_groups[0]['qlab']); it "
                 "was not saved by QLAB.state_dict() (a different optimizer's checkpoint?)."
             )
-        for name in ("direction", "mode", "probe_every"):
+        # Records without a probe schedule come from the fixed one-in-probe_every schedule.
+        schedule = (("probe_every",) if "next_probe" in qlab else ())
+        for name in ("direction", "mode", *schedule):
             saved, own = qlab.get(name, getattr(self, name)), getattr(self, name)
             if saved != own:
                 raise ValueError(
@@ -482,6 +528,9 @@ class QLAB(Optimizer):
         self.steps = int(qlab["steps"])
         self.direction_updates = int(qlab["direction_updates"])
         self.warm_started = bool(qlab["warm_started"])
+        fixed = int(qlab.get("probe_every") or PROBE_EVERY)
+        self.probe_interval = int(qlab.get("probe_interval", self.probe_interval))
+        self.next_probe = int(qlab.get("next_probe", self.steps + 1 + (-self.steps) % fixed))
         self.events = {name: int(qlab["events"].get(name, 0)) for name in EVENTS}
         self.last_step = None if qlab["last_step"] is None else QLABStep(**qlab["last_step"])
         self._unread_skips = None
@@ -540,7 +589,7 @@ class QLAB(Optimizer):
             params, grads = [local(p) for p in params], [local(g) for g in grads]
             states = [{name: local(value) for name, value in state.items()} for state in states]
         _compat.foreach_add_([state["step"] for state in states], 1.0)
-        if self.mode == "paper" or not self.warm_started or (self.steps - 1) % self.probe_every == 0:
+        if self.mode == "paper" or not self.warm_started or self.steps >= self.next_probe:
             return self._probing_step(loss, trial_loss_fn, reduce_losses, params, grads, states, groups, layout)
         return self._fused_step(loss, params, grads, states, groups, layout)
 
@@ -639,8 +688,11 @@ class QLAB(Optimizer):
             if edge_event is not None:
                 self.events[edge_event] += 1
                 event = event or edge_event
+            if self.probe_every is None:
+                self.probe_interval = next_probe_interval(self.probe_interval, beta, solution, edge_event)
             self.trial_distance = held
             step_size = 0.0 if solution.event == "nonfinite_trial" else held
+        self.next_probe = self.steps + self.probe_interval
         self._move(params, origin, rays, states, step_size)
         if solution.event is not None:
             self.events[solution.event] += 1

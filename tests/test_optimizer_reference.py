@@ -23,6 +23,7 @@ from reference_qlab import (
     ESTIMATE_MEMORY,
     EVENT_NAMES,
     GROWTH_LIMIT,
+    LONGEST_PROBE_INTERVAL,
     PROBE_EVERY,
     WARM_START_TOLERANCE,
     MAX_WARM_START_PROBES,
@@ -229,7 +230,7 @@ EXPECTED_FOR_DIRECTION = {
 }
 
 
-def run_fast_and_reference(problem: Problem, direction: str, mode: str, probe_every: int = 3):
+def run_fast_and_reference(problem: Problem, direction: str, mode: str, probe_every: Optional[int] = 3):
     """Run QLAB and the reference side by side; after every step compare everything observable.
 
     Returns the reference (for the branch checks) and the largest relative parameter error seen.
@@ -244,7 +245,7 @@ def run_fast_and_reference(problem: Problem, direction: str, mode: str, probe_ev
         initial_step=initial_step,
         direction=direction,
         mode=mode,
-        probe_every=None if mode == "paper" else probe_every,
+        probe_every=1 if mode == "paper" else probe_every,
     )
     groups, start = [], 0
     for indices, options in problem.groups:
@@ -298,16 +299,48 @@ def run_fast_and_reference(problem: Problem, direction: str, mode: str, probe_ev
 @pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("problem_name", sorted(PROBLEMS))
 def test_fast_optimizer_agrees_with_reference(problem_name: str, direction: str, mode: str) -> None:
-    """Probing every step drives each problem through its branches; probing every third step
-    compares the held steps between probes too."""
+    """Probing every step drives each problem through its branches; probing every third step,
+    and on the default schedule, compares the held steps between probes too."""
     if mode == "safeguarded":
         run_fast_and_reference(PROBLEMS[problem_name](), direction, mode, probe_every=3)
+        run_fast_and_reference(PROBLEMS[problem_name](), direction, mode, probe_every=None)
     ref, _ = run_fast_and_reference(PROBLEMS[problem_name](), direction, mode, probe_every=1)
     taken = {name for name, count in ref.events.items() if count} | set(ref.warm_start_moves)
     expected = set(EXPECTED_BRANCHES[(problem_name, mode)])
     expected |= EXPECTED_FOR_DIRECTION.get((problem_name, mode, direction), set())
     missing = expected - taken
     assert not missing, f"{problem_name}/{direction}/{mode} no longer takes the branches {missing}"
+
+
+def shifting_quadratic_problem() -> Problem:
+    """A well-conditioned quadratic (curvatures 1 ... 1.4) around a minimiser that moves with each
+    batch, whose curvature drops to 0.3x at step 151: the fits agree with the held step for 150
+    steps, then ask for a 3x longer one."""
+    gen = torch.Generator().manual_seed(2)
+    curvatures = torch.linspace(1.0, 1.4, 6, dtype=torch.float64)
+    initial = [torch.randn(4, generator=gen, dtype=torch.float64), torch.randn(2, generator=gen, dtype=torch.float64)]
+
+    def loss(p: list[Tensor], batch) -> Tensor:
+        scale, minimiser = batch
+        return 0.5 * scale * (curvatures * (_flat(p) - minimiser) ** 2).sum()
+
+    batches = [(1.0 if k < 150 else 0.3, 0.1 * torch.randn(6, generator=gen, dtype=torch.float64))
+               for k in range(300)]
+    return Problem(initial, [([0, 1], {})], loss, batches, initial_step=1e-2, steps=300)
+
+
+@pytest.mark.parametrize("direction", ["adam", "momentum"])
+def test_the_default_schedule_lengthens_and_resets_as_the_reference_does(direction: str) -> None:
+    """On the default schedule the fast optimizer probes on the same steps as the reference, and
+    the schedule goes through its cases: intervals that double up to the longest, and a fit that
+    disagrees with the held step bringing the interval back to PROBE_EVERY."""
+    ref, _ = run_fast_and_reference(shifting_quadratic_problem(), direction, "safeguarded", probe_every=None)
+    intervals = [later - earlier for earlier, later in zip(ref.probed, ref.probed[1:])]
+    assert intervals[0] == PROBE_EVERY
+    assert LONGEST_PROBE_INTERVAL in intervals
+    lengthened = any(b == 2 * a for a, b in zip(intervals, intervals[1:]))
+    reset = any(a > PROBE_EVERY and b == PROBE_EVERY for a, b in zip(intervals, intervals[1:]))
+    assert lengthened and reset, intervals
 
 
 def test_every_branch_is_exercised() -> None:
@@ -342,6 +375,7 @@ def test_reference_constants_and_event_names_match_the_optimizer() -> None:
     assert MAX_WARM_START_PROBES == qlab_module.MAX_WARM_START_PROBES
     assert RESOLVED_CURVATURE_EPS == qlab_module.RESOLVED_CURVATURE_EPS
     assert PROBE_EVERY == qlab_module.PROBE_EVERY
+    assert LONGEST_PROBE_INTERVAL == qlab_module.LONGEST_PROBE_INTERVAL
     assert WARM_START_TOLERANCE == qlab_module.WARM_START_TOLERANCE
     assert ESTIMATE_MEMORY == qlab_module.ESTIMATE_MEMORY
     assert set(EVENT_NAMES) == set(EVENTS)

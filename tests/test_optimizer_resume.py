@@ -8,6 +8,7 @@ the epoch number, so the resumed run sees the same batches as the straight one.
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
 import torch
@@ -148,3 +149,22 @@ def test_record_travels_in_the_first_group_and_older_layout_still_loads():
         fresh.load_state_dict(saved)
         assert fresh.trial_distance == opt.trial_distance and fresh.steps == 10 and fresh.estimate == opt.estimate
         assert "qlab" not in fresh.param_groups[0]  # the record is not left in the live groups
+
+
+def test_a_record_of_the_fixed_schedule_resumes_on_it_and_then_follows_the_default():
+    """Records saved before the probe schedule was kept (probe_every resolved to 8, no next_probe)
+    load into a default optimizer: the next probe is where the fixed schedule put it."""
+    torch.manual_seed(0)
+    model = fresh_model()
+    opt = fresh_optimizer(model, "adam", "safeguarded")
+    train(model, opt, 0, 12)
+    state = opt.state_dict()
+    record = saved_record(state)
+    assert (record["next_probe"], record["probe_interval"]) == (opt.next_probe, opt.probe_interval)
+    fixed = {k: v for k, v in record.items() if k not in ("next_probe", "probe_interval")}
+    state["param_groups"][0]["qlab"] = json.dumps({**fixed, "probe_every": 8})
+    resumed = fresh_optimizer(fresh_model(), "adam", "safeguarded")
+    resumed.load_state_dict(state)
+    assert resumed.next_probe == 17  # steps 1, 9, 17, ... probed on the fixed schedule
+    with pytest.raises(ValueError, match="probe_every=4"):  # a record of the new layout is checked
+        QLAB(fresh_model().parameters(), probe_every=4).load_state_dict(opt.state_dict())
