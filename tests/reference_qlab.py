@@ -43,7 +43,7 @@ from torch import Tensor
 # The safeguards' constants, as documented in lightning_qlab.optimizer.
 GROWTH_LIMIT = 2.0  # extrapolation is trusted up to twice the probed distance
 MAX_WARM_START_PROBES = 80  # trial forwards the first step may spend finding the scale
-WARM_START_TOLERANCE = 1.25  # the first step's search stops when the fit is within 25% of the probe
+WARM_START_TOLERANCE = 1.1  # the first step's search stops when the fit is within 10% of the probe
 RESOLVED_CURVATURE_EPS = 32.0  # the warm start trusts A beta^2 above 32 epsilons of the loss
 PROBE_EVERY = 8  # safeguarded mode's first probing interval
 LONGEST_PROBE_INTERVAL = 64  # the longest, while the fits agree with the held step
