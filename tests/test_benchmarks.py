@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -128,3 +129,19 @@ def test_averaging_eta_tests_the_last_iterate_and_each_average(mnist_root: Path,
     assert (tmp_path / "mnist-mlp-qlab.md").read_text() == text
     with pytest.raises(SystemExit):
         averaging_eta.main(["mnist-mlp", "--data-dir", str(mnist_root), "--etas", "three"])
+
+
+def test_step_cost_times_every_variant_and_counts_the_probes() -> None:
+    """A tiny timing run through the script's command line: one row per model, every ratio a
+    number, and the probes of the timed steps counted (with probe_every=8 and a warm-up of 2, the
+    timed steps 3 ... 10 hold the probe of step 9)."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "step_cost.py"), "--models", "MLP", "--warmup", "2",
+         "--block", "8", "--probe-every", "8", "--repeats", "1"],
+        capture_output=True, text=True, timeout=300, check=True,
+    )
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| MLP")]
+    assert len(rows) == 1, result.stdout
+    cells = [cell.strip() for cell in rows[0].strip("|").split("|")]
+    assert all(float(cell) > 0 for cell in cells[2:8]), rows[0]
+    assert cells[-1] == "8", rows[0]
