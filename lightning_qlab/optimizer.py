@@ -515,8 +515,8 @@ class QLAB(Optimizer):
                 "QLAB.load_state_dict: this state dict holds no QLAB record (param_groups[0]['qlab']); it "
                 "was not saved by QLAB.state_dict() (a different optimizer's checkpoint?)."
             )
-        # Records without a probe schedule come from the fixed one-in-probe_every schedule.
-        schedule = (("probe_every",) if "next_probe" in qlab else ())
+        # A record without next_probe comes from the fixed schedule, whatever probe_every it saved.
+        schedule = ("probe_every",) if "next_probe" in qlab else ()
         for name in ("direction", "mode", *schedule):
             saved, own = qlab.get(name, getattr(self, name)), getattr(self, name)
             if saved != own:
@@ -530,9 +530,11 @@ class QLAB(Optimizer):
         self.steps = int(qlab["steps"])
         self.direction_updates = int(qlab["direction_updates"])
         self.warm_started = bool(qlab["warm_started"])
-        fixed = int(qlab.get("probe_every") or PROBE_EVERY)
-        self.probe_interval = int(qlab.get("probe_interval", self.probe_interval))
-        self.next_probe = int(qlab.get("next_probe", self.steps + 1 + (-self.steps) % fixed))
+        if "next_probe" in qlab:
+            self.probe_interval, self.next_probe = int(qlab["probe_interval"]), int(qlab["next_probe"])
+        else:  # the fixed schedule probed steps 1, 1 + k, 1 + 2k, ...
+            every = int(qlab.get("probe_every") or PROBE_EVERY)
+            self.next_probe = self.steps + 1 + (-self.steps) % every
         self.events = {name: int(qlab["events"].get(name, 0)) for name in EVENTS}
         self.last_step = None if qlab["last_step"] is None else QLABStep(**qlab["last_step"])
         self._unread_skips = None
