@@ -1,9 +1,8 @@
 """What does a QLAB step cost, trial forwards included? Time per training step against SGD and Adam.
 
-QLAB's default probes on the first step, 8 steps later, and from then on one step in 8 to one in
-64 (the interval doubles while the fits agree with the held step): a probing step adds a no-grad
-trial forward of the same batch, and the others are one fused AdamW-kernel step. This script
-times, per model, in a plain PyTorch loop:
+QLAB's default probes one step in ``PROBE_EVERY`` (8): that step adds a no-grad trial forward of the
+same batch, and the others are one fused AdamW-kernel step. This script times, per model, in a
+plain PyTorch loop:
 
 * ``sgd``: zero_grad, forward, backward, ``torch.optim.SGD.step`` (torch's default kernel);
 * ``adam``: the same with ``torch.optim.Adam`` (what a tuned baseline or a peer built on Adam costs);
@@ -14,12 +13,12 @@ times, per model, in a plain PyTorch loop:
 
 Each variant trains its own copy of the model on the same batch. The runs are interleaved (sgd,
 adam, qlab, ..., sgd, adam, qlab, ...) so that drifts of the machine hit all variants alike; each
-timing covers a block of ``--block`` steps after warm-up (by default the longest probing interval,
-after a warm-up that lets the schedule reach it), and the table reports medians per step and how
-many of the default's timed steps probed. The target: the default QLAB within 1.10x an SGD step.
-Training on one batch, the fits agree with the held step and the schedule stays at its longest
-interval; over a real run some probes disagree and come sooner (``benchmarks/README.md`` counts
-them on the panels), so ``--block 8 --probe-every 8`` gives the other bound: a probe every 8 steps.
+timing covers a block of ``--block`` steps after warm-up, a multiple of ``PROBE_EVERY`` so that every
+block holds the same share of probing steps (the cost averaged over a run), and the table reports
+medians per step and how many of QLAB's timed steps probed. The target: the default QLAB within
+1.10x an SGD step. ``--max-probe-interval 64 --block 64 --warmup 128`` times QLAB with a
+lengthening probe schedule instead; training on one batch its fits agree with the held step, so
+it stays at its longest interval (over a real run some probes disagree and come sooner).
 
 On the CPU the ratio also depends on where each variant's copy of the model happens to lie in
 memory: rebuilt copies of the same variants, timed the same way in one process, gave QLAB / SGD
@@ -50,7 +49,7 @@ import contenders
 from lightning_qlab import TrialForward
 from lightning_qlab.averaging import polynomial_decay_multi_avg_fn
 from lightning_qlab.models import CausalTransformer, SmallCNN
-from lightning_qlab.optimizer import LONGEST_PROBE_INTERVAL, PROBE_EVERY
+from lightning_qlab.optimizer import PROBE_EVERY
 
 
 def mlp() -> nn.Module:
@@ -91,10 +90,10 @@ MODELS = {
 }
 
 
-def make_steppers(model: nn.Module, x: Tensor, y: Tensor, probe_every: Optional[int] = None,
+def make_steppers(model: nn.Module, x: Tensor, y: Tensor, max_probe_interval: Optional[int] = None,
                   probes: Optional[list[int]] = None) -> dict[str, Callable[[], None]]:
-    """One training-step function per variant, each with its own copy of the model; the default
-    QLAB's steps that probe are appended to ``probes`` (its step numbers)."""
+    """One training-step function per variant, each with its own copy of the model; the steps of
+    the ``qlab`` variant that probe are appended to ``probes`` (its step numbers)."""
 
     def torch_stepper(make_optimizer: Callable) -> Callable[[], None]:
         own_model = copy.deepcopy(model)
@@ -132,8 +131,8 @@ def make_steppers(model: nn.Module, x: Tensor, y: Tensor, probe_every: Optional[
     return {
         "sgd": torch_stepper(contenders.sgd(0.01).build),
         "adam": torch_stepper(contenders.adam(1e-3).build),
-        "qlab": qlab_stepper(contenders.qlab(probe_every=probe_every), record=probes is not None),
-        "qlab_avg": qlab_stepper(contenders.qlab(probe_every=probe_every), averaged=True),
+        "qlab": qlab_stepper(contenders.qlab(max_probe_interval=max_probe_interval), record=probes is not None),
+        "qlab_avg": qlab_stepper(contenders.qlab(max_probe_interval=max_probe_interval), averaged=True),
         "paper": qlab_stepper(contenders.qlab("sgd", "paper")),
     }
 
@@ -166,28 +165,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (CPU)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--warmup", type=int, default=2 * LONGEST_PROBE_INTERVAL,
-                        help="steps per variant before timing")
+    parser.add_argument("--warmup", type=int, default=2 * PROBE_EVERY, help="steps per variant before timing")
     parser.add_argument("--repeats", type=int, default=8, help="timed blocks per variant")
-    parser.add_argument("--block", type=int, default=LONGEST_PROBE_INTERVAL, help="steps per timed block")
-    parser.add_argument("--probe-every", type=int, help="give QLAB a fixed probing interval (default: its schedule)")
+    parser.add_argument("--block", type=int, default=PROBE_EVERY,
+                        help=f"steps per timed block (a multiple of the probing interval, PROBE_EVERY = {PROBE_EVERY})")
+    parser.add_argument("--max-probe-interval", type=int,
+                        help="QLAB's max_probe_interval (default: None, one probe in PROBE_EVERY steps)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="times to build every variant afresh (new model copies, new optimizers) and time it "
                              "again; the table gives the median over rounds and the range of QLAB / SGD")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated names or prefixes of MODELS")
     args = parser.parse_args()
-    if args.probe_every is not None and args.block % args.probe_every:
-        parser.error("--block must be a multiple of --probe-every, so that every block holds as many probes")
+    longest = args.max_probe_interval or PROBE_EVERY
+    if args.block % longest:
+        parser.error(f"--block must be a multiple of the longest probing interval ({longest}), so that every "
+                     "block holds as many probes")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "
           f"{args.repeats} blocks of {args.block} steps per variant after {args.warmup} warm-up steps; "
-          f"QLAB probing {'on its schedule' if args.probe_every is None else f'every {args.probe_every} steps'}; "
+          f"QLAB with max_probe_interval={args.max_probe_interval}; "
           "medians per step\n")
     wanted = [name.strip() for name in args.models.split(",")]
     print("| model | params | SGD ms | Adam ms | QLAB default ms | QLAB default + averaging ms | QLABGrad (paper) ms "
           "| QLAB default / SGD | its range over rounds | QLAB default + averaging / SGD | QLAB default / Adam "
-          "| QLABGrad (paper) / SGD | QLAB default: timed steps per probe |")
+          "| QLABGrad (paper) / SGD | QLAB: timed steps per probe |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, (build, make_batch) in MODELS.items():
         if not any(name.startswith(prefix) for prefix in wanted):
@@ -199,7 +201,7 @@ def main() -> None:
             model = build().to(device)
             x, y = make_batch(device)
             probes: list[int] = []
-            times = time_variants(make_steppers(model, x, y, args.probe_every, probes), device, args.warmup,
+            times = time_variants(make_steppers(model, x, y, args.max_probe_interval, probes), device, args.warmup,
                                   args.repeats, args.block)
             rounds.append({k: statistics.median(v) for k, v in times.items()})
             timed_probes += sum(step > args.warmup for step in probes)

@@ -73,8 +73,10 @@ class QLABConfig:
         direction: what the parameters step along, passed to :class:`~lightning_qlab.optimizer.QLAB`:
             ``"adam"`` (default), ``"rmsprop"``, ``"sgd"`` (QLABGrad as published) or ``"momentum"``.
         mode: ``"safeguarded"`` (default) or ``"paper"``, passed to QLAB.
-        probe_every: fit the parabola on one step in this many, always (``None``: QLAB's default
-            schedule, one in 8 to one in 64; paper mode probes every step), passed to QLAB.
+        probe_every: fit the parabola on one step in this many (``None``: QLAB's default; paper
+            mode probes every step), passed to QLAB.
+        max_probe_interval: let the interval between probes double, up to this many steps, while
+            the fits agree with the held step (``None``: it stays ``probe_every``), passed to QLAB.
         initial_step: the first trial distance, passed to QLAB.
         weight_decay: decoupled weight decay, passed to QLAB.
         momentum: heavy-ball coefficient of the momentum direction, passed to QLAB.
@@ -104,6 +106,7 @@ class QLABConfig:
     direction: str = "adam"
     mode: str = "safeguarded"
     probe_every: Optional[int] = None
+    max_probe_interval: Optional[int] = None
     initial_step: float = 1e-3
     weight_decay: float = 0.0
     momentum: float = 0.9
@@ -138,6 +141,7 @@ class QLABConfig:
             direction=self.direction,
             mode=self.mode,
             probe_every=self.probe_every,
+            max_probe_interval=self.max_probe_interval,
             momentum=self.momentum,
             betas=self.betas,
             eps=self.eps,

@@ -14,8 +14,9 @@ The curvature ``A`` comes from one extra forward pass at the *trial point* ``w -
     A = (L(w - beta d) - c - b beta) / beta^2,    a* = -b / (2 A)
 
 ``mode="paper"`` is the published rule: every step probes at ``beta`` = the previous step and steps
-to ``a*``. The default ``mode="safeguarded"`` fits the same parabola on some steps only (see
-:func:`next_probe_interval`) and keeps a *held step* between probes (see :func:`next_held_step`):
+to ``a*``. The default ``mode="safeguarded"`` fits the same parabola, but only every
+``probe_every`` steps (or on a lengthening schedule, see :func:`next_probe_interval`), and keeps a
+*held step* between probes (see :func:`next_held_step`):
 
 * the fitted minimiser of one mini-batch is short: sharpness rises to meet whatever step is taken
   (progressive sharpening), so a rule that always steps to ``a*`` keeps shrinking its own step.
@@ -92,14 +93,12 @@ GROWTH_LIMIT = 2.0
 # The first step probes until the fitted minimiser lies within a factor WARM_START_TOLERANCE of
 # the probed distance. From any initial distance between 1e-12 and 1e12 that takes well under
 # MAX_WARM_START_PROBES trial forwards (each probe doubles, halves or jumps to the minimiser).
-# The first fit sets the step held over the first PROBE_EVERY steps and the distance the second
-# probe fits from, so it is fitted to 10% rather than to the factor 2 that one probe's
-# extrapolation is trusted to. The loss along d is not a parabola: the fitted minimiser grows with
-# the probed distance, so a search that stops within a factor T stops T apart coming from below
-# and from above. On MNIST (tests/test_optimizer_mnist.py's sweep, 1 epoch) at 25% the run from
-# 1e-6 stepped 0.00312 and the others 0.00266, held steps 30% apart after the epoch and 0.54
-# points apart; at 10% first steps 6% apart and 0.17 points, for one trial forward more.
-WARM_START_TOLERANCE = 1.1
+# The first fit sets the step held over the first PROBE_EVERY steps, and the held step never
+# falls below what it leads to, so it is fitted to 25% rather than to the factor 2 that one
+# probe's extrapolation is trusted to: on MNIST, first steps that differed by 20% (the loss along
+# d is not a parabola, so the fitted minimiser depends a little on where it is probed) led to held
+# steps 40% apart after an epoch; at 25% the five initial steps of the README's sweep agree.
+WARM_START_TOLERANCE = 1.25
 MAX_WARM_START_PROBES = 80
 
 # A probe can only measure curvature that stands out of the rounding of the loss values. The
@@ -111,19 +110,13 @@ MAX_WARM_START_PROBES = 80
 # probe at 1e-6) it came out as 1e-6 instead of 5.
 RESOLVED_CURVATURE_EPS = 32.0
 
-# Safeguarded mode probes on the first step and PROBE_EVERY steps later. The trial forward costs
-# a third of a training step or more; one probe in 8 brings that to 4-5%, and early in training,
-# when the held step is still being found, the second probe must come early: with 32 the
-# transformer panel's second probe met a 10x shorter fit at step 33 and held it (the README).
+# Safeguarded mode probes on the first step and then one step in PROBE_EVERY. The trial forward
+# costs a third of a training step or more; one probe in 8 brings that to 4-5%, and early in
+# training, when the held step is still being found, the second probe must come early: with 32
+# the transformer panel's second probe met a 10x shorter fit at step 33 and held it (the README).
+# Longer intervals once the step has settled (max_probe_interval) cost accuracy on CIFAR-10: the
+# held step rises through the maximum of its noisy estimate, so fewer probes hold it lower.
 PROBE_EVERY = 8
-
-# A probe whose fit agrees with the held step (within GROWTH_LIMIT of it either way, no
-# safeguard) doubles the interval to the next probe, up to LONGEST_PROBE_INTERVAL; any other
-# probe brings it back to PROBE_EVERY. Once the held step has settled the probes are then 1 in
-# 64, under 1% of a run for the trial forwards, while a fit that disagrees (sharpness moved) is
-# followed up 8 steps later. On the panels the held step moves by a few percent per hundred
-# steps once set (CIFAR-10: 3.8e-4 from step 9 to step ~800), so 64 steps hold it as well as 8.
-LONGEST_PROBE_INTERVAL = 64
 
 # The held step follows a running mean of log a* over the probes, with this weight on the past:
 # one probe's a* scatters by a factor of about 2 around its neighbours, and 0.9 averages over the
@@ -207,6 +200,7 @@ def check_settings(
     direction: str,
     mode: str,
     probe_every: Optional[int],
+    max_probe_interval: Optional[int],
     momentum: float,
     betas: tuple[float, float],
     eps: float,
@@ -214,8 +208,8 @@ def check_settings(
     owner: str = "QLAB",
 ) -> int:
     """Raise ``ValueError``/``TypeError`` naming ``owner`` for a setting QLAB cannot use; return
-    the first probing interval these settings give (1 in paper mode, :data:`PROBE_EVERY` by
-    default, where :func:`next_probe_interval` lengthens it).
+    the probing intervals these settings give, shortest and longest (1 and 1 in paper mode,
+    :data:`PROBE_EVERY` and :data:`PROBE_EVERY` by default).
 
     The one place QLAB's arguments are checked: :class:`QLAB` and
     :class:`~lightning_qlab.mixin.QLABConfig` both call it with every argument (the defaults live
@@ -239,6 +233,12 @@ def check_settings(
             f"{owner}: mode='paper' probes every step, as QLABGrad is published; probe_every="
             f"{probe_every} needs mode='safeguarded'."
         )
+    shortest = 1 if mode == "paper" else PROBE_EVERY if probe_every is None else probe_every
+    if max_probe_interval is not None and (not is_integer(max_probe_interval) or max_probe_interval < shortest):
+        raise ValueError(
+            f"{owner}: max_probe_interval must be None (probe every probe_every steps) or an integer >= "
+            f"probe_every ({shortest}{' in paper mode' if mode == 'paper' else ''}), got {max_probe_interval!r}."
+        )
     if not is_number(momentum) or not 0.0 <= momentum < 1.0:
         raise ValueError(f"{owner}: momentum must be in [0, 1), got {momentum!r}")
     if len(betas) != 2 or not all(is_number(b) and 0.0 <= b < 1.0 for b in betas):
@@ -247,9 +247,7 @@ def check_settings(
         raise ValueError(f"{owner}: eps must be positive, got {eps!r}")
     if not is_number(weight_decay) or not weight_decay >= 0.0:
         raise ValueError(f"{owner}: weight_decay must be non-negative, got {weight_decay!r}")
-    if mode == "paper":
-        return 1
-    return PROBE_EVERY if probe_every is None else probe_every
+    return shortest, shortest if max_probe_interval is None else max_probe_interval
 
 
 @dataclass(frozen=True)
@@ -309,30 +307,35 @@ def next_held_step(held: float, estimate: StepEstimate, solution: StepSolution, 
     return smoothed if first else max(held, smoothed), estimate, None
 
 
-def next_probe_interval(interval: int, held: float, solution: StepSolution, safeguard: Optional[str]) -> int:
-    """The steps from this probe to the next, in safeguarded mode with the default schedule.
+def next_probe_interval(interval: int, intervals: tuple[int, int], held: float, solution: StepSolution,
+                        safeguard: Optional[str]) -> int:
+    """The steps from this probe to the next, in safeguarded mode.
+
+    A probe whose fit agrees with the held step doubles the interval, up to the longest; any other
+    brings it back to the shortest: the probes that only confirm the step are the ones to thin.
 
     Args:
         interval: the steps from the previous probe to this one.
+        intervals: the shortest and the longest interval (``probe_every``, ``max_probe_interval``).
         held: the step held up to this probe (the probed distance).
         solution: what :func:`solve_step_size` fitted at this probe.
         safeguard: the event :func:`next_held_step` reported (``"stability_edge"``) or ``None``.
 
     Returns:
-        Twice ``interval`` (at most :data:`LONGEST_PROBE_INTERVAL`) when the fit agrees with the
-        held step, within :data:`GROWTH_LIMIT` either way and with no event; otherwise
-        :data:`PROBE_EVERY`.
+        ``min(2 * interval, longest)`` when the fitted minimiser lies within :data:`GROWTH_LIMIT`
+        of ``held`` either way and no event fired; otherwise ``shortest``.
 
     Example:
         >>> agrees = solve_step_size(loss=1.0, trial_loss=0.5, slope=-1.0, trial_distance=1.0)  # a* = 1
-        >>> next_probe_interval(8, 1.0, agrees, None), next_probe_interval(64, 1.0, agrees, None)
+        >>> next_probe_interval(8, (8, 64), 1.0, agrees, None), next_probe_interval(64, (8, 64), 1.0, agrees, None)
         (16, 64)
-        >>> next_probe_interval(64, 4.0, agrees, None)  # the fit is 4x shorter than the held step
+        >>> next_probe_interval(64, (8, 64), 4.0, agrees, None)  # the fit is 4x shorter than the held step
         8
     """
+    shortest, longest = intervals
     agrees = (solution.event is None and safeguard is None
               and held / GROWTH_LIMIT <= solution.step_size <= GROWTH_LIMIT * held)
-    return min(2 * interval, LONGEST_PROBE_INTERVAL) if agrees else PROBE_EVERY
+    return min(2 * interval, longest) if agrees else shortest
 
 
 @dataclass(frozen=True)
@@ -367,9 +370,9 @@ class QLAB(Optimizer):
     ``trial_loss_fn`` there (under ``torch.no_grad``), fits a parabola to the training loss, the
     slope ``-(g . d)`` and the trial loss, and takes the step. In ``"paper"`` mode every step
     probes and steps to the fitted minimiser, as QLABGrad is published. In ``"safeguarded"``
-    mode (default) the first step probes, then one step in 8 to one in 64 (see
-    :func:`next_probe_interval`); the others take a fused step of the held step size without
-    calling ``trial_loss_fn`` and without reading anything from the device.
+    mode (default) the first step probes, then one step in ``probe_every`` (or on a lengthening
+    schedule, see ``max_probe_interval``); the others take a fused step of the held step size
+    without calling ``trial_loss_fn`` and without reading anything from the device.
 
     Args:
         params: parameters or parameter groups, as for any torch optimizer.
@@ -383,10 +386,12 @@ class QLAB(Optimizer):
             gradient for adam and rmsprop, ``g`` for sgd and momentum); in paper mode along the
             direction itself.
         mode: ``"safeguarded"`` (default) or ``"paper"``. See the module docstring.
-        probe_every: probe one step in this many, always (safeguarded mode). ``None``
-            (default): :data:`PROBE_EVERY` steps after the first probe, then up to
-            :data:`LONGEST_PROBE_INTERVAL` while the fits agree with the held step. Paper mode
-            probes every step.
+        probe_every: probe one step in this many (safeguarded mode; default
+            :data:`PROBE_EVERY`). Paper mode probes every step.
+        max_probe_interval: ``None`` (default): the interval stays ``probe_every``. Larger: it
+            doubles after each probe whose fit agrees with the held step, up to this many steps,
+            and falls back to ``probe_every`` after one that does not (:func:`next_probe_interval`).
+            Fewer trial forwards, at a cost in accuracy on some models (the README's figures).
         momentum: ``mu`` of the momentum direction (per group).
         betas: Adam's moment decay rates; rmsprop uses ``betas[1]`` (per group).
         eps: the denominator term of the adam and rmsprop directions (per group).
@@ -446,20 +451,23 @@ class QLAB(Optimizer):
         direction: str = "adam",
         mode: str = "safeguarded",
         probe_every: Optional[int] = None,
+        max_probe_interval: Optional[int] = None,
         momentum: float = 0.9,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         shard_group: Optional[Any] = None,
     ) -> None:
-        self.probe_interval = check_settings(initial_step, direction, mode, probe_every, momentum, betas, eps,
-                                             weight_decay)
-        self.probe_every = probe_every
+        self.probe_intervals = check_settings(initial_step, direction, mode, probe_every, max_probe_interval,
+                                              momentum, betas, eps, weight_decay)
+        self.probe_every, self.max_probe_interval = self.probe_intervals
+        self.probe_interval = self.probe_every  # from the last probe to the next
         self.direction = direction  # before the groups are added: add_param_group creates the buffers
         defaults = dict(lr=0.0, momentum=momentum, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
         for group in self.param_groups:  # a group's own settings are checked like the defaults
-            check_settings(initial_step, direction, mode, probe_every, group["momentum"], group["betas"],
+            check_settings(initial_step, direction, mode, probe_every, max_probe_interval, group["momentum"],
+                           group["betas"],
                            group["eps"], group["weight_decay"], owner="QLAB (a parameter group)")
         self.shard_group = shard_group
         self._layout: Optional[tuple[tuple[int, ...], Any, ShardLayout]] = None  # (param ids, group, layout)
@@ -500,6 +508,7 @@ class QLAB(Optimizer):
             "direction": self.direction,
             "mode": self.mode,
             "probe_every": self.probe_every,
+            "max_probe_interval": self.max_probe_interval,
             "last_step": None if self.last_step is None else self.last_step.as_dict(),
         })
         return state
@@ -515,9 +524,7 @@ class QLAB(Optimizer):
                 "QLAB.load_state_dict: this state dict holds no QLAB record (param_groups[0]['qlab']); it "
                 "was not saved by QLAB.state_dict() (a different optimizer's checkpoint?)."
             )
-        # A record without next_probe comes from the fixed schedule, whatever probe_every it saved.
-        schedule = ("probe_every",) if "next_probe" in qlab else ()
-        for name in ("direction", "mode", *schedule):
+        for name in ("direction", "mode", "probe_every", "max_probe_interval"):
             saved, own = qlab.get(name, getattr(self, name)), getattr(self, name)
             if saved != own:
                 raise ValueError(
@@ -533,8 +540,7 @@ class QLAB(Optimizer):
         if "next_probe" in qlab:
             self.probe_interval, self.next_probe = int(qlab["probe_interval"]), int(qlab["next_probe"])
         else:  # the fixed schedule probed steps 1, 1 + k, 1 + 2k, ...
-            every = int(qlab.get("probe_every") or PROBE_EVERY)
-            self.next_probe = self.steps + 1 + (-self.steps) % every
+            self.next_probe = self.steps + 1 + (-self.steps) % self.probe_every
         self.events = {name: int(qlab["events"].get(name, 0)) for name in EVENTS}
         self.last_step = None if qlab["last_step"] is None else QLABStep(**qlab["last_step"])
         self._unread_skips = None
@@ -692,8 +698,8 @@ class QLAB(Optimizer):
             if edge_event is not None:
                 self.events[edge_event] += 1
                 event = event or edge_event
-            if self.probe_every is None:
-                self.probe_interval = next_probe_interval(self.probe_interval, beta, solution, edge_event)
+            self.probe_interval = next_probe_interval(self.probe_interval, self.probe_intervals, beta, solution,
+                                                      edge_event)
             self.trial_distance = held
             step_size = 0.0 if solution.event == "nonfinite_trial" else held
         self.next_probe = self.steps + self.probe_interval

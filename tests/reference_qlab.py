@@ -13,10 +13,10 @@ On a mini-batch with loss ``c = L(w)``, gradient ``g`` and the probed direction 
     w <- w (1 - a lambda) - a u                 (lambda: the group's decoupled weight decay)
 
 Paper mode probes every step with beta = the previous step, steps to a = a*, and u = d.
-Safeguarded mode probes on step 1 and then every ``probe_every`` steps (by default 8 steps
-later, then after twice the last interval, at most 64, when the probe's a* lay within a factor 2
-of the held step and no event fired, or after 8 again when not; a skipped probe probes again on
-the next step), holds the step
+Safeguarded mode probes on step 1 and then every ``probe_every`` steps (with
+``max_probe_interval``: after twice the last interval, at most that many steps, when the probe's
+a* lay within a factor 2 of the held step and no event fired, or after ``probe_every`` again when
+not; a skipped probe probes again on the next step), holds the step
 ``a`` in between (probed at beta = a), and steps along ``u``, which is the momentum for the
 momentum and adam directions. The held step after a probe (the first probe's warm start sets it):
 
@@ -43,10 +43,9 @@ from torch import Tensor
 # The safeguards' constants, as documented in lightning_qlab.optimizer.
 GROWTH_LIMIT = 2.0  # extrapolation is trusted up to twice the probed distance
 MAX_WARM_START_PROBES = 80  # trial forwards the first step may spend finding the scale
-WARM_START_TOLERANCE = 1.1  # the first step's search stops when the fit is within 10% of the probe
+WARM_START_TOLERANCE = 1.25  # the first step's search stops when the fit is within 25% of the probe
 RESOLVED_CURVATURE_EPS = 32.0  # the warm start trusts A beta^2 above 32 epsilons of the loss
-PROBE_EVERY = 8  # safeguarded mode's first probing interval
-LONGEST_PROBE_INTERVAL = 64  # the longest, while the fits agree with the held step
+PROBE_EVERY = 8  # safeguarded mode's default probing interval
 ESTIMATE_MEMORY = 0.9  # the weight of the past in the running mean of log a*
 
 EVENT_NAMES = (
@@ -145,7 +144,8 @@ class ReferenceQLAB:
         initial_step: float = 1e-3,
         direction: str = "sgd",
         mode: str = "safeguarded",
-        probe_every: Optional[int] = None,
+        probe_every: int = PROBE_EVERY,
+        max_probe_interval: Optional[int] = None,
         loss_eps: float = torch.finfo(torch.float64).eps,
     ) -> None:
         """``loss_eps``: the machine epsilon of the dtype the losses are computed in."""
@@ -153,8 +153,9 @@ class ReferenceQLAB:
         self.groups = groups
         self.direction = direction
         self.mode = mode
-        self.probe_every = 1 if mode == "paper" else probe_every  # None: the default schedule
-        self.interval = self.probe_every or PROBE_EVERY
+        self.probe_every = 1 if mode == "paper" else probe_every
+        self.longest = max_probe_interval or self.probe_every  # the interval never passes it
+        self.interval = self.probe_every
         self.next_probe = 1
         self.probed: list[int] = []  # the steps that probed (or tried to: skipped probes included)
         self.trial_distance = float(initial_step)  # also the held step in safeguarded mode
@@ -307,8 +308,7 @@ class ReferenceQLAB:
         elif decision.event == "nonfinite_trial":
             a, self.trial_distance = 0.0, decision.next_trial_distance  # halve, estimate afresh
             self.log_sum = self.weight = 0.0
-            if self.probe_every is None:
-                self.interval = PROBE_EVERY
+            self.interval = self.probe_every
         else:
             first = self.weight == 0.0
             self.log_sum = ESTIMATE_MEMORY * self.log_sum + (1 - ESTIMATE_MEMORY) * math.log(decision.step_size)
@@ -321,9 +321,8 @@ class ReferenceQLAB:
                 event = event or "stability_edge"
             else:
                 held = smoothed if first else max(held, smoothed)
-            if self.probe_every is None:
-                agrees = event is None and beta / 2 <= decision.step_size <= 2 * beta
-                self.interval = min(2 * self.interval, LONGEST_PROBE_INTERVAL) if agrees else PROBE_EVERY
+            agrees = event is None and beta / 2 <= decision.step_size <= 2 * beta
+            self.interval = min(2 * self.interval, self.longest) if agrees else self.probe_every
             a = self.trial_distance = held
         self.next_probe = self.steps + self.interval
         if decision.event is not None:

@@ -79,9 +79,13 @@ def test_unknown_mode() -> None:
         (dict(eps=0.0), "eps must be positive"),
         (dict(weight_decay=-0.01), "weight_decay must be non-negative"),
         (dict(weight_decay=math.nan), "weight_decay must be non-negative"),
+        (dict(max_probe_interval=4), r"max_probe_interval must be None .* >= probe_every \(8\), got 4"),
+        (dict(probe_every=16, max_probe_interval=8), r">= probe_every \(16\), got 8"),
+        (dict(max_probe_interval=64.0), "max_probe_interval must be None .*got 64.0"),
+        (dict(mode="paper", max_probe_interval=0), r">= probe_every \(1 in paper mode\), got 0"),
     ],
 )
-def test_bad_direction_settings(kwargs, message) -> None:
+def test_bad_numeric_settings(kwargs, message) -> None:
     with pytest.raises(ValueError, match=message):
         QLAB(nn.Linear(2, 1).parameters(), **kwargs)
 

@@ -23,7 +23,6 @@ from reference_qlab import (
     ESTIMATE_MEMORY,
     EVENT_NAMES,
     GROWTH_LIMIT,
-    LONGEST_PROBE_INTERVAL,
     PROBE_EVERY,
     WARM_START_TOLERANCE,
     MAX_WARM_START_PROBES,
@@ -230,7 +229,8 @@ EXPECTED_FOR_DIRECTION = {
 }
 
 
-def run_fast_and_reference(problem: Problem, direction: str, mode: str, probe_every: Optional[int] = 3):
+def run_fast_and_reference(problem: Problem, direction: str, mode: str, probe_every: int = 3,
+                           max_probe_interval: Optional[int] = None):
     """Run QLAB and the reference side by side; after every step compare everything observable.
 
     Returns the reference (for the branch checks) and the largest relative parameter error seen.
@@ -246,13 +246,14 @@ def run_fast_and_reference(problem: Problem, direction: str, mode: str, probe_ev
         direction=direction,
         mode=mode,
         probe_every=1 if mode == "paper" else probe_every,
+        max_probe_interval=max_probe_interval,
     )
     groups, start = [], 0
     for indices, options in problem.groups:
         size = sum(problem.initial[i].numel() for i in indices)
         groups.append(Group(start, start + size, **options))
         start += size
-    ref = ReferenceQLAB(groups, initial_step, direction, mode, probe_every)
+    ref = ReferenceQLAB(groups, initial_step, direction, mode, probe_every, max_probe_interval)
 
     def unflatten(w: Tensor) -> list[Tensor]:
         out: list[Tensor] = [torch.empty(0)] * len(problem.initial)
@@ -300,10 +301,10 @@ def run_fast_and_reference(problem: Problem, direction: str, mode: str, probe_ev
 @pytest.mark.parametrize("problem_name", sorted(PROBLEMS))
 def test_fast_optimizer_agrees_with_reference(problem_name: str, direction: str, mode: str) -> None:
     """Probing every step drives each problem through its branches; probing every third step,
-    and on the default schedule, compares the held steps between probes too."""
+    and on the default interval, compares the held steps between probes too."""
     if mode == "safeguarded":
         run_fast_and_reference(PROBLEMS[problem_name](), direction, mode, probe_every=3)
-        run_fast_and_reference(PROBLEMS[problem_name](), direction, mode, probe_every=None)
+        run_fast_and_reference(PROBLEMS[problem_name](), direction, mode, probe_every=PROBE_EVERY)
     ref, _ = run_fast_and_reference(PROBLEMS[problem_name](), direction, mode, probe_every=1)
     taken = {name for name, count in ref.events.items() if count} | set(ref.warm_start_moves)
     expected = set(EXPECTED_BRANCHES[(problem_name, mode)])
@@ -330,14 +331,15 @@ def shifting_quadratic_problem() -> Problem:
 
 
 @pytest.mark.parametrize("direction", ["adam", "momentum"])
-def test_the_default_schedule_lengthens_and_resets_as_the_reference_does(direction: str) -> None:
-    """On the default schedule the fast optimizer probes on the same steps as the reference, and
+def test_a_lengthening_schedule_probes_where_the_reference_does(direction: str) -> None:
+    """With max_probe_interval the fast optimizer probes on the same steps as the reference, and
     the schedule goes through its cases: intervals that double up to the longest, and a fit that
-    disagrees with the held step bringing the interval back to PROBE_EVERY."""
-    ref, _ = run_fast_and_reference(shifting_quadratic_problem(), direction, "safeguarded", probe_every=None)
+    disagrees with the held step bringing the interval back to probe_every."""
+    ref, _ = run_fast_and_reference(shifting_quadratic_problem(), direction, "safeguarded", probe_every=PROBE_EVERY,
+                                    max_probe_interval=64)
     intervals = [later - earlier for earlier, later in zip(ref.probed, ref.probed[1:])]
     assert intervals[0] == PROBE_EVERY
-    assert LONGEST_PROBE_INTERVAL in intervals
+    assert 64 in intervals and max(intervals) == 64
     lengthened = any(b == 2 * a for a, b in zip(intervals, intervals[1:]))
     reset = any(a > PROBE_EVERY and b == PROBE_EVERY for a, b in zip(intervals, intervals[1:]))
     assert lengthened and reset, intervals
@@ -375,7 +377,6 @@ def test_reference_constants_and_event_names_match_the_optimizer() -> None:
     assert MAX_WARM_START_PROBES == qlab_module.MAX_WARM_START_PROBES
     assert RESOLVED_CURVATURE_EPS == qlab_module.RESOLVED_CURVATURE_EPS
     assert PROBE_EVERY == qlab_module.PROBE_EVERY
-    assert LONGEST_PROBE_INTERVAL == qlab_module.LONGEST_PROBE_INTERVAL
     assert WARM_START_TOLERANCE == qlab_module.WARM_START_TOLERANCE
     assert ESTIMATE_MEMORY == qlab_module.ESTIMATE_MEMORY
     assert set(EVENT_NAMES) == set(EVENTS)
