@@ -467,8 +467,7 @@ class QLAB(Optimizer):
         super().__init__(params, defaults)
         for group in self.param_groups:  # a group's own settings are checked like the defaults
             check_settings(initial_step, direction, mode, probe_every, max_probe_interval, group["momentum"],
-                           group["betas"],
-                           group["eps"], group["weight_decay"], owner="QLAB (a parameter group)")
+                           group["betas"], group["eps"], group["weight_decay"], owner="QLAB (a parameter group)")
         self.shard_group = shard_group
         self._layout: Optional[tuple[tuple[int, ...], Any, ShardLayout]] = None  # (param ids, group, layout)
         self.mode = mode
