@@ -187,8 +187,10 @@ BN_STEPS = 10
 
 
 def ddp_plain_run() -> tuple[RegressionNet, TensorDataset, dict[str, Any]]:
-    """float64 MLP without BatchNorm/dropout, 2 micro-batches per step: the model, data, fit settings."""
-    model = RegressionNet(QLABConfig(accumulate_batches=DDP_ACCUMULATE, direction="momentum"), dtype=torch.float64)
+    """float64 MLP without BatchNorm/dropout, 2 micro-batches per step: the model, data, fit settings.
+    The probe after step 9 comes at step 17 or 25, as the ranks' reduced fit decides (max_probe_interval)."""
+    config = QLABConfig(accumulate_batches=DDP_ACCUMULATE, direction="momentum", max_probe_interval=16)
+    model = RegressionNet(config, dtype=torch.float64)
     data = regression_data(DDP_RANKS * DDP_BATCH * DDP_ACCUMULATE * DDP_STEPS, dtype=torch.float64, seed=1)
     return model, data, dict(max_steps=DDP_STEPS)
 
