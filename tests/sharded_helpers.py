@@ -170,6 +170,9 @@ def _process(rank: int, out: Path, port: int) -> None:
     try:
         for worker in WORKERS.values():
             worker(rank, RANKS, out)
+        # No rank tears gloo down while the other is still in a collective: a teardown racing a
+        # peer's last operation can abort the process ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
