@@ -206,7 +206,7 @@ def check_settings(
     eps: float,
     weight_decay: float,
     owner: str = "QLAB",
-) -> int:
+) -> tuple[int, int]:
     """Raise ``ValueError``/``TypeError`` naming ``owner`` for a setting QLAB cannot use; return
     the probing intervals these settings give, shortest and longest (1 and 1 in paper mode,
     :data:`PROBE_EVERY` and :data:`PROBE_EVERY` by default).
@@ -238,6 +238,11 @@ def check_settings(
         raise ValueError(
             f"{owner}: max_probe_interval must be None (probe every probe_every steps) or an integer >= "
             f"probe_every ({shortest}{' in paper mode' if mode == 'paper' else ''}), got {max_probe_interval!r}."
+        )
+    if mode == "paper" and max_probe_interval not in (None, 1):
+        raise ValueError(
+            f"{owner}: mode='paper' probes every step, as QLABGrad is published; max_probe_interval="
+            f"{max_probe_interval} needs mode='safeguarded'."
         )
     if not is_number(momentum) or not 0.0 <= momentum < 1.0:
         raise ValueError(f"{owner}: momentum must be in [0, 1), got {momentum!r}")
@@ -458,9 +463,8 @@ class QLAB(Optimizer):
         weight_decay: float = 0.0,
         shard_group: Optional[Any] = None,
     ) -> None:
-        self.probe_intervals = check_settings(initial_step, direction, mode, probe_every, max_probe_interval,
-                                              momentum, betas, eps, weight_decay)
-        self.probe_every, self.max_probe_interval = self.probe_intervals
+        self.probe_every, self.max_probe_interval = check_settings(
+            initial_step, direction, mode, probe_every, max_probe_interval, momentum, betas, eps, weight_decay)
         self.probe_interval = self.probe_every  # from the last probe to the next
         self.direction = direction  # before the groups are added: add_param_group creates the buffers
         defaults = dict(lr=0.0, momentum=momentum, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
@@ -697,8 +701,8 @@ class QLAB(Optimizer):
             if edge_event is not None:
                 self.events[edge_event] += 1
                 event = event or edge_event
-            self.probe_interval = next_probe_interval(self.probe_interval, self.probe_intervals, beta, solution,
-                                                      edge_event)
+            self.probe_interval = next_probe_interval(
+                self.probe_interval, (self.probe_every, self.max_probe_interval), beta, solution, edge_event)
             self.trial_distance = held
             step_size = 0.0 if solution.event == "nonfinite_trial" else held
         self.next_probe = self.steps + self.probe_interval

@@ -229,7 +229,8 @@ class ReferenceQLAB:
         self.t += 1
         # A gradient whose squared norm overflows counts as non-finite too: the optimizer decides
         # on the norm, to skip on the device without reading every element.
-        finite = bool(torch.isfinite(grad).all()) and math.isfinite(float(torch.dot(grad, grad)))
+        grad_sq = float(torch.dot(grad, grad))
+        finite = bool(torch.isfinite(grad).all()) and math.isfinite(grad_sq)
         if self.warm_started and self.steps < self.next_probe:
             # A step that does not probe: only a non-finite gradient skips it.
             a = self.trial_distance
@@ -241,7 +242,6 @@ class ReferenceQLAB:
             return self.move(w, self.vectors(grad)[1], a)
 
         self.probed.append(self.steps)
-        grad_sq = float(torch.dot(grad, grad)) if finite else math.inf
         if not finite:
             self.skip("nonfinite_gradient")
             return w

@@ -83,6 +83,7 @@ def test_unknown_mode() -> None:
         (dict(probe_every=16, max_probe_interval=8), r">= probe_every \(16\), got 8"),
         (dict(max_probe_interval=64.0), "max_probe_interval must be None .*got 64.0"),
         (dict(mode="paper", max_probe_interval=0), r">= probe_every \(1 in paper mode\), got 0"),
+        (dict(mode="paper", max_probe_interval=64), "max_probe_interval=64 needs mode='safeguarded'"),
     ],
 )
 def test_bad_numeric_settings(kwargs, message) -> None:
