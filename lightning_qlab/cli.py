@@ -33,6 +33,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn, Optional, Sequence
 
+import torch
 import yaml
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch import Trainer
@@ -382,9 +383,16 @@ def main(args: Optional[Sequence[str]] = None, prog: str = "lightning-qlab") -> 
     Example:
         >>> main(["fit", "--config", "configs/mnist_mlp.yaml", "--trainer.fast_dev_run", "true"])  # doctest: +SKIP
     """
+    group_was_ours = not _in_process_group()
     if _debugging():
         QLABLightningCLI(args=args, parser_kwargs={"prog": prog})
-        return
+    else:
+        _run(args, prog)
+    if group_was_ours:
+        _leave_process_group()
+
+
+def _run(args: Optional[Sequence[str]], prog: str) -> None:
     command = f"{prog} {_subcommand(list(sys.argv[1:] if args is None else args))}".strip()
     try:
         QLABLightningCLI(args=args, parser_kwargs={"prog": prog})
@@ -397,6 +405,23 @@ def main(args: Optional[Sequence[str]] = None, prog: str = "lightning-qlab") -> 
         _fail(command, f"invalid configuration: {' '.join(str(error).split())}", EXIT_BAD_CONFIG)
     except (DataNotFoundError, DataMismatchError, CheckpointError) as error:
         _fail(command, " ".join(str(error).split()), EXIT_DATA)
+
+
+def _in_process_group() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _leave_process_group() -> None:
+    """Tear down the process group the run set up, once every rank is done with it.
+
+    Lightning leaves it for the interpreter's exit, where gloo's threads can be destroyed while
+    still joinable and abort the process (``terminate called without an active exception``)
+    after a run that succeeded. The barrier keeps a rank from leaving while another is still in
+    its last collective.
+    """
+    if _in_process_group():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def lightning_main(argv: Optional[Sequence[str]] = None) -> None:

@@ -334,3 +334,22 @@ def test_two_process_cpu_ddp_matches_single_process(mnist_root, tmp_path):
     # seeds 1, 2, 3, 42: differences -0.014 ... +0.028); 0.04 is two standard deviations of the
     # difference. The seed is fixed, so the outcome is reproducible.
     assert abs(ddp_acc - single_acc) < 0.04, (single_acc, ddp_acc)
+
+
+def test_the_command_leaves_no_process_group_behind(mnist_root, tmp_path):
+    # A group left for the interpreter's exit can abort a finished run (gloo's threads destroyed
+    # while joinable); the command tears down the group its run set up.
+    main(["fit", *mnist_args(mnist_root, tmp_path), "--trainer.strategy", "ddp", "--trainer.devices", "1",
+          "--trainer.accelerator", "cpu", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1"])
+    assert not torch.distributed.is_initialized()
+
+
+def test_the_command_keeps_a_process_group_its_caller_set_up(mnist_root, tmp_path):
+    store = torch.distributed.HashStore()
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        main(["fit", *mnist_args(mnist_root, tmp_path), "--trainer.strategy", "ddp", "--trainer.devices", "1",
+              "--trainer.accelerator", "cpu", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1"])
+        assert torch.distributed.is_initialized()
+    finally:
+        torch.distributed.destroy_process_group()
