@@ -99,6 +99,7 @@ def main(out: Path) -> None:
     _fit(out, "straight", callbacks=[checkpoints], enable_checkpointing=True)
     _fit(out, "resumed", ckpt_path=out / "checkpoints" / f"step={CHECKPOINT_EVERY}.ckpt")
     _fit(out, "accumulated", config=ACCUMULATED_CONFIG, max_steps=STEPS // 2)
+    helpers.leave_process_group()
 
 
 if __name__ == "__main__":

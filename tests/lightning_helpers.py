@@ -37,6 +37,14 @@ def run_worker(script: Path, out_dir: Path, **env: str) -> None:
     assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
 
 
+def leave_process_group() -> None:
+    """End of a multi-process worker: tear the group down together rather than at the
+    interpreter's exit, where gloo can abort a finished worker."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def quiet_trainer(**kwargs: Any) -> Trainer:
     """A CPU Trainer without progress bar, model summary, logger or checkpoints (unless asked)."""
     settings: dict[str, Any] = dict(
@@ -242,6 +250,7 @@ def _ddp_main(out_dir: Path) -> None:
              "averaging": averaging},
             out_dir / f"{name}_rank{trainer.global_rank}.pt",
         )
+    leave_process_group()
 
 
 if __name__ == "__main__":
