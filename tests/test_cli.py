@@ -336,6 +336,17 @@ def test_two_process_cpu_ddp_matches_single_process(mnist_root, tmp_path):
     assert abs(ddp_acc - single_acc) < 0.04, (single_acc, ddp_acc)
 
 
+@pytest.fixture
+def restored_environment():
+    """Lightning's DDP set-up writes MASTER_PORT, LOCAL_RANK, ... into this process's environment;
+    left there, a later test's DDP run would take itself for one launched from outside."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.mark.usefixtures("restored_environment")
 def test_the_command_leaves_no_process_group_behind(mnist_root, tmp_path):
     # A group left for the interpreter's exit can abort a finished run (gloo's threads destroyed
     # while joinable); the command tears down the group its run set up.
@@ -344,6 +355,7 @@ def test_the_command_leaves_no_process_group_behind(mnist_root, tmp_path):
     assert not torch.distributed.is_initialized()
 
 
+@pytest.mark.usefixtures("restored_environment")
 def test_the_command_keeps_a_process_group_its_caller_set_up(mnist_root, tmp_path):
     store = torch.distributed.HashStore()
     torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
