@@ -25,7 +25,7 @@ __all__ = [
     "foreach_addcmul_",
     "foreach_addcdiv_",
     "foreach_div_",
-    "foreach_sqrt",
+    "foreach_sqrt_",
     "foreach_norm",
     "fused_adamw_",
     "fused_sgd_",
@@ -130,10 +130,10 @@ def foreach_div_(tensors: list[Tensor], divisor: float) -> None:
     torch._foreach_div_(tensors, divisor)
 
 
-@_private("torch._foreach_sqrt")
-def foreach_sqrt(tensors: list[Tensor]) -> list[Tensor]:
-    """``t.sqrt()`` for every tensor, as new tensors."""
-    return list(torch._foreach_sqrt(tensors))
+@_private("torch._foreach_sqrt_")
+def foreach_sqrt_(tensors: list[Tensor]) -> None:
+    """``t.sqrt_()`` for every tensor."""
+    torch._foreach_sqrt_(tensors)
 
 
 @_private("torch._foreach_norm")

@@ -61,13 +61,13 @@ class Ray:
     denominators: Optional[list[Tensor]] = None
     scale: float = 1.0
 
-    def dots(self, grads: list[Tensor]) -> Tensor:
-        """The vector of ``<g_i, d_i>`` in float32 or wider, on the device (one parameter's
-        quotient at a time: the temporary is one tensor's size, not the model's)."""
+    def dots(self, grads: list[Tensor], scratch: list[Tensor]) -> Tensor:
+        """The vector of ``<g_i, d_i>`` in float32 or wider, on the device; ``scratch`` (tensors
+        like the gradients, overwritten) holds the quotients ``n_i / den_i``."""
         dtype = wide_dtype(grads[0].dtype)
-        denominators = self.denominators or [None] * len(grads)
-        dots = [torch.vdot(g.reshape(-1).to(dtype), (n if den is None else n / den).reshape(-1).to(dtype))
-                for g, n, den in zip(grads, self.numerators, denominators)]
+        quotients = self.numerators if self.denominators is None else [
+            torch.div(n, den, out=out) for n, den, out in zip(self.numerators, self.denominators, scratch)]
+        dots = [torch.vdot(g.reshape(-1).to(dtype), q.reshape(-1).to(dtype)) for g, q in zip(grads, quotients)]
         return torch.stack(dots) * self.scale
 
     def shift_(self, params: list[Tensor], distance: float) -> None:
@@ -95,8 +95,10 @@ class Direction:
     def update_moments(self, group: dict, states: list[dict], grads: list[Tensor], keep: Tensor, t: int) -> None:
         """Add this step's gradient to the buffers (nothing when ``keep`` is 0)."""
 
-    def probe(self, group: dict, states: list[dict], grads: list[Tensor], t: int, paper: bool) -> Ray:
-        """The ray ``d`` to fit along."""
+    def probe(self, group: dict, states: list[dict], grads: list[Tensor], t: int, paper: bool,
+              scratch: list[Tensor]) -> Ray:
+        """The ray ``d`` to fit along; ``scratch`` (tensors like the gradients) may hold its
+        denominators."""
         raise NotImplementedError
 
     def move(self, group: dict, states: list[dict], params: list[Tensor], ray: Ray, t: int, step_size: float
@@ -115,7 +117,7 @@ class SGD(Direction):
 
     name = "sgd"
 
-    def probe(self, group, states, grads, t, paper):
+    def probe(self, group, states, grads, t, paper, scratch):
         return Ray(grads)
 
     def fused_step(self, group, params, grads, states, lr, found_inf, steps):
@@ -138,7 +140,7 @@ class Momentum(Direction):
         _compat.foreach_mul_(buffers, _decay(group["momentum"], keep))
         _compat.foreach_add_(buffers, grads)  # a zeroed gradient adds nothing
 
-    def probe(self, group, states, grads, t, paper):
+    def probe(self, group, states, grads, t, paper, scratch):
         return Ray([s["momentum_buffer"] for s in states] if paper else grads)
 
     def move(self, group, states, params, ray, t, step_size):
@@ -163,15 +165,16 @@ class RMSprop(Direction):
         _compat.foreach_mul_(squares, _decay(beta2, keep))
         _compat.foreach_addcmul_(squares, grads, grads, 1.0 - beta2)
 
-    def ray(self, group, states, numerators, t) -> Ray:
-        """``numerators / (sqrt(v_hat) + eps)``."""
-        denominators = _compat.foreach_sqrt([s["exp_avg_sq"] for s in states])
+    def ray(self, group, states, numerators, t, denominators) -> Ray:
+        """``numerators / (sqrt(v_hat) + eps)``, the denominators written into ``denominators``."""
+        _compat.foreach_copy_(denominators, [s["exp_avg_sq"] for s in states])
+        _compat.foreach_sqrt_(denominators)
         _compat.foreach_div_(denominators, math.sqrt(1.0 - group["betas"][1] ** t))
         _compat.foreach_add_(denominators, group["eps"])
         return Ray(numerators, denominators)
 
-    def probe(self, group, states, grads, t, paper):
-        return self.ray(group, states, grads, t)
+    def probe(self, group, states, grads, t, paper, scratch):
+        return self.ray(group, states, grads, t, scratch)
 
     def fused_step(self, group, params, grads, states, lr, found_inf, steps):
         # Adam's kernel with beta1 = 0 is this update; its first moment would just be a copy of the
@@ -199,11 +202,11 @@ class Adam(RMSprop):
         _compat.foreach_add_(averages, grads, 1.0 - beta1)
         super().update_moments(group, states, grads, keep, t)
 
-    def probe(self, group, states, grads, t, paper):
+    def probe(self, group, states, grads, t, paper, scratch):
         if paper:  # the fit along u = m_hat / (sqrt(v_hat) + eps) itself
-            ray = self.ray(group, states, [s["exp_avg"] for s in states], t)
+            ray = self.ray(group, states, [s["exp_avg"] for s in states], t, scratch)
             return Ray(ray.numerators, ray.denominators, 1.0 / (1.0 - group["betas"][0] ** t))
-        return self.ray(group, states, grads, t)
+        return self.ray(group, states, grads, t, scratch)
 
     def move(self, group, states, params, ray, t, step_size):
         # w - a m_hat / (sqrt(v_hat) + eps): Adam's step, with the denominators of the probe's ray.

@@ -46,6 +46,7 @@ from torch.optim import Optimizer
 
 from lightning_qlab import _compat
 from lightning_qlab._checks import is_integer, is_number, wide_dtype
+from lightning_qlab._workspace import Workspace
 from lightning_qlab.directions import DIRECTIONS as _DIRECTION_TABLE
 from lightning_qlab.directions import Ray, finite_gradients
 from lightning_qlab.sharding import ShardLayout, local
@@ -474,6 +475,7 @@ class QLAB(Optimizer):
                            group["betas"], group["eps"], group["weight_decay"], owner="QLAB (a parameter group)")
         self.shard_group = shard_group
         self._layout: Optional[tuple[tuple[int, ...], Any, ShardLayout]] = None  # (param ids, group, layout)
+        self._workspace = Workspace()  # the probing step's temporaries
         self.mode = mode
         self.initial_step = float(initial_step)
         # Optimizer-wide state: one line search runs along the concatenation of all groups.
@@ -641,12 +643,18 @@ class QLAB(Optimizer):
             keep = keep * torch.isfinite(loss).to(keep)
         _compat.foreach_mul_(grads, keep.to(grads[0].dtype))  # a skipped step adds no gradient to the moments
         t = self.direction_updates
+        denominators = self._workspace.like("denominators", params)
+        # w itself, kept until the step: coming back by adding beta d again would leave a rounding
+        # error of the size of beta d, more than the step when the fit asks for a much shorter one.
+        # Until it takes w it holds the quotients of the dots.
+        origin = self._workspace.like("origin", params)
         rays: list[tuple[dict, int, int, Ray]] = []  # per group with gradients: its slice and the ray d
         for group, start, end in groups:
             if end > start:
                 direction.update_moments(group, states[start:end], grads[start:end], keep, t)
-                rays.append((group, start, end, direction.probe(group, states[start:end], grads[start:end], t, paper)))
-        g_dot_d = layout.total(torch.cat([ray.dots(grads[start:end]) for _, start, end, ray in rays]))
+                rays.append((group, start, end, direction.probe(group, states[start:end], grads[start:end], t, paper,
+                                                                denominators[start:end])))
+        g_dot_d = layout.total(torch.cat([ray.dots(grads[start:end], origin[start:end]) for _, start, end, ray in rays]))
         beta = self.trial_distance
         if beta * beta < sys.float_info.min:
             # The curvature A = (...) / beta^2 can no longer be represented (beta^2 is zero or
@@ -658,9 +666,7 @@ class QLAB(Optimizer):
                 "(fresh dropout masks, another batch, eval mode): lightning_qlab.TrialForward "
                 "replays the dropout masks for you."
             )
-        # w itself, kept until the step: coming back by adding beta d again would leave a rounding
-        # error of the size of beta d, more than the step when the fit asks for a much shorter one.
-        origin = [p.detach().clone() for p in params]
+        _compat.foreach_copy_(origin, params)
         _shift(rays, params, beta)
         c, trial, gd, squared, unread = self._read(loss, trial_loss_fn, reduce_losses, params, origin, beta,
                                                    [g_dot_d, grad_sq, self._unread_skips])

@@ -139,9 +139,11 @@ def _foreach_div_() -> None:
     assert tensors[0].tolist() == [0.75, 0.75]
 
 
-@check(_compat.foreach_sqrt)
-def _foreach_sqrt() -> None:
-    assert _compat.foreach_sqrt([torch.full((2,), 9.0)])[0].tolist() == [3.0, 3.0]
+@check(_compat.foreach_sqrt_)
+def _foreach_sqrt_() -> None:
+    tensors = [torch.full((2,), 9.0)]
+    _compat.foreach_sqrt_(tensors)
+    assert tensors[0].tolist() == [3.0, 3.0]
 
 
 @check(_compat.foreach_norm)

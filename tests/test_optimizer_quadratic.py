@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from lightning_qlab._workspace import Workspace
 from lightning_qlab.directions import Ray
 from lightning_qlab.optimizer import GROWTH_LIMIT, QLAB, StepEstimate, StepSolution, next_held_step, solve_step_size
 
@@ -283,9 +284,25 @@ def test_a_ray_is_the_direction_it_stands_for(with_denominators: bool) -> None:
         [0.3 * n for n in numerators]
 
     expected_dots = torch.stack([(g * d).sum() for g, d in zip(grads, written_out)])
-    torch.testing.assert_close(ray.dots(grads), expected_dots, rtol=1e-14, atol=0)
+    scratch = [torch.full_like(g, math.nan) for g in grads]  # overwritten, never read
+    torch.testing.assert_close(ray.dots(grads, scratch), expected_dots, rtol=1e-14, atol=0)
     params = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
     expected = [w - 1.7 * d for w, d in zip(params, written_out)]
     ray.shift_(params, 1.7)
     for w, e in zip(params, expected):
         torch.testing.assert_close(w, e, rtol=1e-14, atol=1e-15)
+
+
+def test_the_workspace_keeps_cpu_temporaries_for_the_same_shapes_only() -> None:
+    space = Workspace()
+    params = [torch.zeros(3, 2), torch.zeros(4)]
+    origin = space.like("origin", params)
+    assert space.like("origin", [torch.ones(3, 2), torch.ones(4)]) is origin  # same shapes: the same tensors
+    assert all(a is not b for a, b in zip(space.like("denominators", params), origin))  # another name
+    wider = space.like("origin", [torch.zeros(3, 2, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)])
+    assert wider is not origin and wider[0].dtype == torch.float64
+    transposed = space.like("origin", [torch.zeros(2, 3).t(), torch.zeros(4)])
+    assert transposed[0].stride() == (1, 3)  # laid out like the parameter
+    if torch.cuda.is_available():  # elsewhere than the CPU nothing is kept
+        on_gpu = [p.cuda() for p in params]
+        assert space.like("origin", on_gpu)[0] is not space.like("origin", on_gpu)[0]
