@@ -165,13 +165,13 @@ class RMSprop(Direction):
         _compat.foreach_mul_(squares, _decay(beta2, keep))
         _compat.foreach_addcmul_(squares, grads, grads, 1.0 - beta2)
 
-    def ray(self, group, states, numerators, t, denominators) -> Ray:
-        """``numerators / (sqrt(v_hat) + eps)``, the denominators written into ``denominators``."""
+    def ray(self, group, states, numerators, t, denominators, scale: float = 1.0) -> Ray:
+        """``scale * numerators / (sqrt(v_hat) + eps)``, the denominators written into ``denominators``."""
         _compat.foreach_copy_(denominators, [s["exp_avg_sq"] for s in states])
         _compat.foreach_sqrt_(denominators)
         _compat.foreach_div_(denominators, math.sqrt(1.0 - group["betas"][1] ** t))
         _compat.foreach_add_(denominators, group["eps"])
-        return Ray(numerators, denominators)
+        return Ray(numerators, denominators, scale)
 
     def probe(self, group, states, grads, t, paper, scratch):
         return self.ray(group, states, grads, t, scratch)
@@ -204,8 +204,8 @@ class Adam(RMSprop):
 
     def probe(self, group, states, grads, t, paper, scratch):
         if paper:  # the fit along u = m_hat / (sqrt(v_hat) + eps) itself
-            ray = self.ray(group, states, [s["exp_avg"] for s in states], t, scratch)
-            return Ray(ray.numerators, ray.denominators, 1.0 / (1.0 - group["betas"][0] ** t))
+            return self.ray(group, states, [s["exp_avg"] for s in states], t, scratch,
+                            scale=1.0 / (1.0 - group["betas"][0] ** t))
         return self.ray(group, states, grads, t, scratch)
 
     def move(self, group, states, params, ray, t, step_size):
