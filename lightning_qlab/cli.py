@@ -58,7 +58,7 @@ from lightning_qlab.predictions import PredictionWriter
 from lightning_qlab.preemption import Preemption
 from lightning_qlab.seeding import StepSeeding
 
-__all__ = ["QLABLightningCLI", "main", "lightning_main", "OUR_SUBCOMMANDS"]
+__all__ = ["QLABLightningCLI", "main", "lightning_main", "leave_process_group", "OUR_SUBCOMMANDS"]
 
 OUR_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -389,7 +389,7 @@ def main(args: Optional[Sequence[str]] = None, prog: str = "lightning-qlab") -> 
     else:
         _run(args, prog)
     if group_was_ours:
-        _leave_process_group()
+        leave_process_group()
 
 
 def _run(args: Optional[Sequence[str]], prog: str) -> None:
@@ -411,13 +411,14 @@ def _in_process_group() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def _leave_process_group() -> None:
-    """Tear down the process group the run set up, once every rank is done with it.
+def leave_process_group() -> None:
+    """Tear down the process group a run set up, once every rank is done with it.
 
     Lightning leaves it for the interpreter's exit, where gloo's threads can be destroyed while
     still joinable and abort the process (``terminate called without an active exception``)
     after a run that succeeded. The barrier keeps a rank from leaving while another is still in
-    its last collective.
+    its last collective. The command calls it after its run; a script that runs ``Trainer.fit``
+    on several processes itself can call it at its end.
     """
     if _in_process_group():
         torch.distributed.barrier()

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 import lightning_helpers as helpers
 from lightning_qlab._compat import average_model
 from lightning_qlab.callback import QLABMonitor
+from lightning_qlab.cli import leave_process_group
 from lightning_qlab.mixin import QLABConfig
 from lightning_qlab.optimizer import saved_record
 from lightning_qlab.sharding import data_parallel_mesh, local, shard_blocks
@@ -99,7 +100,7 @@ def main(out: Path) -> None:
     _fit(out, "straight", callbacks=[checkpoints], enable_checkpointing=True)
     _fit(out, "resumed", ckpt_path=out / "checkpoints" / f"step={CHECKPOINT_EVERY}.ckpt")
     _fit(out, "accumulated", config=ACCUMULATED_CONFIG, max_steps=STEPS // 2)
-    helpers.leave_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":

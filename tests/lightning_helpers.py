@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from lightning_qlab.callback import QLABMonitor
+from lightning_qlab.cli import leave_process_group
 from lightning_qlab.mixin import QLABConfig, QLABMixin
 from lightning_qlab.preemption import Preemption
 
@@ -35,14 +36,6 @@ def run_worker(script: Path, out_dir: Path, **env: str) -> None:
                                env=dict(os.environ, PYTHONWARNINGS="ignore", **env),
                                capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
-
-
-def leave_process_group() -> None:
-    """End of a multi-process worker: tear the group down together rather than at the
-    interpreter's exit, where gloo can abort a finished worker."""
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
 
 
 def quiet_trainer(**kwargs: Any) -> Trainer:

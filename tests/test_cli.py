@@ -346,12 +346,17 @@ def restored_environment():
     os.environ.update(saved)
 
 
+def one_process_ddp_fit(mnist_root: Path, tmp_path: Path) -> list[str]:
+    """Two steps of DDP with one process: Lightning sets up a process group in this process."""
+    return ["fit", *mnist_args(mnist_root, tmp_path), "--trainer.strategy", "ddp", "--trainer.devices", "1",
+            "--trainer.accelerator", "cpu", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1"]
+
+
 @pytest.mark.usefixtures("restored_environment")
 def test_the_command_leaves_no_process_group_behind(mnist_root, tmp_path):
     # A group left for the interpreter's exit can abort a finished run (gloo's threads destroyed
     # while joinable); the command tears down the group its run set up.
-    main(["fit", *mnist_args(mnist_root, tmp_path), "--trainer.strategy", "ddp", "--trainer.devices", "1",
-          "--trainer.accelerator", "cpu", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1"])
+    main(one_process_ddp_fit(mnist_root, tmp_path))
     assert not torch.distributed.is_initialized()
 
 
@@ -360,8 +365,7 @@ def test_the_command_keeps_a_process_group_its_caller_set_up(mnist_root, tmp_pat
     store = torch.distributed.HashStore()
     torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
-        main(["fit", *mnist_args(mnist_root, tmp_path), "--trainer.strategy", "ddp", "--trainer.devices", "1",
-              "--trainer.accelerator", "cpu", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1"])
+        main(one_process_ddp_fit(mnist_root, tmp_path))
         assert torch.distributed.is_initialized()
     finally:
         torch.distributed.destroy_process_group()
