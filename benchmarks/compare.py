@@ -6,6 +6,7 @@ runs of a panel share the model, data, seed, batch size and epoch budget.
 
     python benchmarks/compare.py mnist-mlp        --shared-data ../shared/data
     python benchmarks/compare.py cifar10-cnn      --shared-data ../shared/data
+    python benchmarks/compare.py cifar10-mlp      --shared-data ../shared/data
     python benchmarks/compare.py text-transformer --shared-data ../shared/data
     python benchmarks/compare.py sweep            --shared-data ../shared/data
 
@@ -61,7 +62,8 @@ def contenders(panel: str) -> list[Contender]:
     runs = [qlab("adam"), qlab("rmsprop"), qlab("sgd"), qlab("sgd", "paper")]
     runs += [sgd(lr) for lr in (0.03, 0.1, 0.3)]
     runs += [sgd(lr, momentum=0.9) for lr in (0.01, 0.03, 0.1)]
-    runs.append(adam(1e-3))
+    # Adam's default 1e-3 and a factor of about 3 either way: where QLAB's step lands against it.
+    runs += [adam(lr) for lr in (3e-4, 1e-3, 3e-3)]
     if PANELS[panel].metric == "loss":
         runs += [adamw(lr) for lr in (1e-3, 3e-3, 1e-2)]
     return runs + peers() + [floor()]
@@ -88,6 +90,7 @@ class Panel:
 PANELS = {
     "mnist-mlp": Panel("configs/mnist_mlp.yaml", 3, "acc", 97.0),
     "cifar10-cnn": Panel("configs/cifar10_cnn.yaml", 5, "acc", 60.0, ("--data.init_args.layout", "image_folder")),
+    "cifar10-mlp": Panel("configs/cifar10_mlp.yaml", 5, "acc", 40.0, ("--data.init_args.layout", "image_folder")),
     "text-transformer": Panel("configs/text_transformer.yaml", 2, "loss", 2.0, data_key="path"),
     "sweep": Panel("configs/mnist_mlp.yaml", 3, "acc", 97.0),
     # The GPU panel (benchmarks/gpu.sh): ResNet-18 on CIFAR-10, a budget that fits 8 minutes on one H200.

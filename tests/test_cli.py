@@ -114,7 +114,8 @@ def test_baseline_overlay_switches_the_optimizer(mnist_root, tmp_path, overlay, 
     assert cli.model.backbone.layers[1].out_features == 512 and cli.datamodule.batch_size == 32
 
 
-@pytest.mark.parametrize("name, backbone", [("cifar10_cnn.yaml", SmallCNN), ("cifar10_resnet18.yaml", ResNet18CIFAR)])
+@pytest.mark.parametrize("name, backbone", [("cifar10_cnn.yaml", SmallCNN), ("cifar10_resnet18.yaml", ResNet18CIFAR),
+                                            ("cifar10_mlp.yaml", MultiLayerPerceptron)])
 def test_cifar10_configs_on_the_jpeg_copy(cifar10_jpeg_root, tmp_path, name, backbone):
     cli = QLABLightningCLI([
         "fit", "--config", config(name), "--config", config("trainer/cpu.yaml"),
@@ -221,7 +222,8 @@ def test_help_lists_models_datamodules_and_configs(capsys):
     out = capsys.readouterr().out
     for name in ("ImageClassifier", "MultiLayerPerceptron", "SmallCNN", "ResNet18CIFAR", "ResNet50",
                  "MNISTDataModule", "CIFAR10DataModule", "ImageNetDataModule",
-                 "configs/mnist_mlp.yaml", "configs/cifar10_cnn.yaml", "configs/cifar10_resnet18.yaml",
+                 "configs/mnist_mlp.yaml", "configs/cifar10_cnn.yaml", "configs/cifar10_mlp.yaml",
+                 "configs/cifar10_resnet18.yaml",
                  "configs/imagenet_resnet50.yaml", "configs/trainer/ddp.yaml", "configs/baselines/sgd.yaml"):
         assert name in out, name
     for subcommand in ("fit", "validate", "test", "predict"):
