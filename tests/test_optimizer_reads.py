@@ -77,3 +77,35 @@ def test_a_probe_with_reduce_losses_still_reads_once(monkeypatch) -> None:
         if step > 0:
             assert len(reads) == 1
     assert len(reductions) >= 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="counts CUDA synchronisations: needs a GPU")
+@pytest.mark.parametrize("direction", ["adam", "rmsprop"])
+def test_on_cuda_steps_between_probes_do_not_synchronise(direction: str) -> None:
+    """The device's own count, which also catches implicit synchronisations (a boolean mask,
+    a host copy inside a torch op) that wrapping the Tensor methods cannot see."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).cuda()
+    x, y = torch.randn(64, 6, device="cuda"), torch.randint(0, 3, (64,), device="cuda")
+    loss_fn = lambda: nn.functional.cross_entropy(model(x), y)  # noqa: E731
+    opt = QLAB(model.parameters(), direction=direction, probe_every=4)
+    per_step = []
+    for step in range(1, 14):
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        if step == 7:
+            model[2].bias.grad[0] = math.nan
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                opt.step(loss, loss_fn)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        per_step.append(sum("synchroniz" in str(w.message) for w in caught))
+    assert per_step[1:] == [0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1]
+    assert opt.events["nonfinite_gradient"] == 1
