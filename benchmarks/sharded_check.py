@@ -1,13 +1,13 @@
 """QLAB under each strategy on the GPUs of this machine: the same model, data and steps, bf16-mixed.
 
-    python benchmarks/sharded_check.py --strategy fsdp2     # one of: single, ddp, fsdp2, fsdp1
+    python benchmarks/sharded_check.py --strategy fsdp2     # one of: single, ddp, fsdp2
     python benchmarks/sharded_check.py --strategy fsdp2 --cpu --steps 60   # 2 CPU processes, float32
 
 Trains an MLP classifier (784-1024-1024-10, the package's ImageClassifier with the default QLAB
-and averaging; no averaging under FSDP1, which cannot keep it) for --steps steps on generated data (no download: class centres plus noise), on
+and averaging) for --steps steps on generated data (no download: class centres plus noise), on
 every GPU (one GPU for ``single``), and prints one JSON line: the strategy, the processes, the
 mean training loss of the last 50 steps, the milliseconds per step after the first 20, QLAB's
-held step and its events. benchmarks/gpu_sharded.sh runs all four and compares them.
+held step and its events. benchmarks/gpu_sharded.sh runs all three and compares them.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_qlab import QLABConfig
 from lightning_qlab.models import ImageClassifier, MultiLayerPerceptron
 from lightning_qlab.strategies import FSDP2Strategy
 
-STRATEGIES = {"single": lambda: "auto", "ddp": lambda: "ddp", "fsdp2": FSDP2Strategy, "fsdp1": lambda: "fsdp"}
+# FSDP1 (strategy="fsdp") is refused by QLABMixin: Lightning cannot run its manual backward there.
+STRATEGIES = {"single": lambda: "auto", "ddp": lambda: "ddp", "fsdp2": FSDP2Strategy}
 
 
 def data(samples: int, seed: int = 0) -> TensorDataset:
@@ -54,12 +54,10 @@ def main() -> None:
     parser.add_argument("--strategy", choices=sorted(STRATEGIES), required=True)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=256, help="per process (single: times the processes)")
-    parser.add_argument("--cpu", action="store_true", help="2 CPU processes in float32 (FSDP1 needs GPUs)")
+    parser.add_argument("--cpu", action="store_true", help="2 CPU processes in float32")
     args = parser.parse_args()
     torch.manual_seed(0)
-    # Under FSDP1 the average of the iterates cannot be kept (an error says so): it trains without.
-    config = QLABConfig(weight_averaging=args.strategy != "fsdp1")
-    model = ImageClassifier(MultiLayerPerceptron(784, (1024, 1024), 10), num_classes=10, qlab_config=config)
+    model = ImageClassifier(MultiLayerPerceptron(784, (1024, 1024), 10), num_classes=10)
     record = Record()
     devices = 1 if args.strategy == "single" else 2 if args.cpu else -1
     trainer = Trainer(accelerator="cpu" if args.cpu else "gpu", devices=devices, strategy=STRATEGIES[args.strategy](),

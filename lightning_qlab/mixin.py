@@ -17,9 +17,9 @@ Lightning's precision and strategy plumbing stays in charge: the step goes throu
 ``self.optimizers().step(...)``, so mixed precision (autocast, GradScaler unscaling and inf/NaN
 skipping) and DDP work as for any manual-optimization module. Under DDP the two loss values are
 averaged over the ranks before the step size is solved, so every rank takes the identical step.
-Under FSDP2 (``ModelParallelStrategy``, :class:`~lightning_qlab.strategies.FSDP2Strategy`) and
-FSDP1 QLAB's sums over the parameters are global sums too (:mod:`lightning_qlab.sharding`);
-DeepSpeed is refused.
+Under FSDP2 (``ModelParallelStrategy``, :class:`~lightning_qlab.strategies.FSDP2Strategy`)
+QLAB's sums over the parameters are global sums too (:mod:`lightning_qlab.sharding`); FSDP1
+(``strategy="fsdp"``) and DeepSpeed are refused with what to use instead.
 
 Lightning refuses ``Trainer(accumulate_grad_batches=...)`` and ``Trainer(gradient_clip_val=...)``
 under manual optimization, so the mixin offers both itself: see :class:`QLABConfig`.
@@ -272,7 +272,11 @@ class QLABMixin:
         """
         callbacks = super().configure_callbacks()  # type: ignore[misc]
         callbacks = list(callbacks) if isinstance(callbacks, Sequence) else [callbacks]
-        if self.automatic_optimization or not self._qlab_checked_config().weight_averaging:
+        if self.automatic_optimization:
+            return callbacks
+        if self.trainer.state.fn == TrainerFn.FITTING:  # before any callback's setup meets the strategy
+            _check_strategy(self.trainer.strategy)
+        if not self._qlab_checked_config().weight_averaging:
             return callbacks
         present = [c for c in [*self.trainer.callbacks, *callbacks] if isinstance(c, WeightAveraging)]
         yours = [c for c in present if c not in _ADDED_AVERAGING]
@@ -463,22 +467,7 @@ class QLABMixin:
 
     def _qlab_check_setup(self) -> None:
         self._qlab_checked_config()
-        strategy = self.trainer.strategy
-        if isinstance(strategy, DeepSpeedStrategy):
-            raise NotImplementedError(
-                "QLABMixin does not run under DeepSpeed: DeepSpeed steps the optimizer inside its own "
-                "engine, which has no place for QLAB's trial forward, and keeps its own optimizer state. "
-                "Shard with strategy='fsdp' or ModelParallelStrategy (FSDP2; configs/trainer/fsdp.yaml) instead."
-            )
-        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy, FSDPStrategy, ModelParallelStrategy)):
-            raise NotImplementedError(
-                f"QLABMixin supports single-device, DDP, FSDP and ModelParallelStrategy (FSDP2) training, got "
-                f"{type(strategy).__name__}. Use one of those."
-            )
-        if isinstance(strategy, FSDPStrategy):
-            # FSDP1 hands the optimizer plain tensors that are shards of flat parameters: QLAB must
-            # be told over which processes its sums run (FSDP2's DTensors say it themselves).
-            self._qlab_optimizer().optimizer.shard_group = _fsdp_shard_group(strategy.model)
+        _check_strategy(self.trainer.strategy)
         self._qlab_checked_setup = True
         self._qlab_name_what_is_set_aside()
 
@@ -527,15 +516,28 @@ class QLABMixin:
         return optimizer
 
 
-def _fsdp_shard_group(model: Any) -> Any:
-    """The process group FSDP1 shards ``model``'s flat parameters over (for hybrid sharding, the
-    processes of one node)."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    for module in model.modules():
-        if isinstance(module, FullyShardedDataParallel):
-            return module.process_group
-    raise RuntimeError("QLABMixin: FSDPStrategy is set, but no module of the model is wrapped in FSDP.")
+def _check_strategy(strategy: Any) -> None:
+    """Refuse the strategies QLAB's manual optimization cannot run under, saying what to use."""
+    if isinstance(strategy, DeepSpeedStrategy):
+        raise NotImplementedError(
+            "QLABMixin does not run under DeepSpeed: DeepSpeed steps the optimizer inside its own "
+            "engine, which has no place for QLAB's trial forward, and keeps its own optimizer state. "
+            "Shard with ModelParallelStrategy (FSDP2; configs/trainer/fsdp.yaml) instead."
+        )
+    if isinstance(strategy, FSDPStrategy):
+        # Lightning runs training_step inside the FSDP1 root's forward, so the backward of manual
+        # optimization finds FSDP's handles still in their forward state and fails an assertion
+        # (seen on a GPU; Lightning issue 19685).
+        raise NotImplementedError(
+            "QLABMixin does not run under FSDPStrategy (FSDP1): it optimizes manually, and Lightning "
+            "cannot run a backward inside an FSDP1 module's training_step. Use FSDP2 instead: "
+            "strategy=lightning_qlab.FSDP2Strategy (configs/trainer/fsdp.yaml)."
+        )
+    if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy, ModelParallelStrategy)):
+        raise NotImplementedError(
+            f"QLABMixin supports single-device, DDP and ModelParallelStrategy (FSDP2) training, got "
+            f"{type(strategy).__name__}. Use one of those."
+        )
 
 
 def _check_trainer_options(trainer: Any) -> None:

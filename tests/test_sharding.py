@@ -88,6 +88,27 @@ def test_deepspeed_is_refused_with_what_to_use_instead():
         module._qlab_check_setup()
 
 
+def test_fsdp1_is_refused_before_any_callback_meets_it_with_what_to_use_instead():
+    """Lightning runs training_step inside the FSDP1 root's forward, where a manual backward fails
+    an assertion (seen on a GPU): the mixin says so when fit attaches its callbacks, before the
+    averaging callback's own refusal of FSDP1 would name a way out that still fails."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    from lightning_helpers import RegressionNet
+
+    module = RegressionNet()
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy(), state=SimpleNamespace(fn=TrainerFn.FITTING),
+                                      callbacks=[])
+    for check in (module.configure_callbacks, module._qlab_check_setup):
+        with pytest.raises(NotImplementedError, match=r"FSDPStrategy \(FSDP1\).*backward.*lightning_qlab.FSDP2Strategy"):
+            check()
+    module._trainer.state.fn = TrainerFn.TESTING  # evaluating needs no backward
+    assert len(module.configure_callbacks()) == 1
+
+
 def test_averaging_under_fsdp1_is_refused_with_what_to_use_instead():
     from types import SimpleNamespace
 
