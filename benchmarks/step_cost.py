@@ -44,10 +44,10 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.optim.swa_utils import AveragedModel
 
 import contenders
 from lightning_qlab import TrialForward
+from lightning_qlab.averaged_model import HostCountedAverage
 from lightning_qlab.averaging import polynomial_decay_multi_avg_fn
 from lightning_qlab.models import CausalTransformer, SmallCNN
 from lightning_qlab.optimizer import PROBE_EVERY
@@ -126,7 +126,7 @@ def make_steppers(model: nn.Module, batches: list[tuple[Tensor, Tensor]], max_pr
                      ) -> Callable[[], None]:
         own_model = copy.deepcopy(model)
         optimizer = contender.build(own_model.parameters())
-        average = AveragedModel(own_model, multi_avg_fn=polynomial_decay_multi_avg_fn(), use_buffers=True)
+        average = HostCountedAverage(own_model, multi_avg_fn=polynomial_decay_multi_avg_fn(), use_buffers=True)
         batch = itertools.cycle(batches)
 
         def compute_loss(inputs: Tensor, targets: Tensor) -> Tensor:

@@ -52,6 +52,7 @@ from lightning_qlab._compat import (
     set_average_model,
     swap_average,
 )
+from lightning_qlab.averaged_model import HostCountedAverage
 from lightning_qlab.sharded_average import load_sharded_layout, save_sharded_layout, sharded_average
 from lightning_qlab.sharding import local
 
@@ -66,8 +67,8 @@ def polynomial_decay_multi_avg_fn(eta: float = DEFAULT_ETA) -> Callable[[list[Te
     averaging: ``avg <- avg + c_t (w - avg)`` with ``c_t = (eta + 1) / (t + eta)``.
 
     ``AveragedModel`` copies the first iterate itself and then calls this with the number of
-    iterates averaged so far (``t - 1``). The weight stays a tensor on the parameters' device, so
-    an update never waits for the device. Integer buffers (BatchNorm's ``num_batches_tracked``)
+    iterates averaged so far (``t - 1``): a tensor (torch's ``AveragedModel``; the weight is then
+    computed on the parameters' device) or an int (:class:`~lightning_qlab.averaged_model.HostCountedAverage`). Integer buffers (BatchNorm's ``num_batches_tracked``)
     are counters, not estimates: they take the current value.
 
     Example:
@@ -179,6 +180,8 @@ class PolynomialAveraging(WeightAveraging):
         if stage == "fit" and self._sharded:
             return  # built in on_fit_start, once configure_model has sharded the module
         super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            HostCountedAverage.adopt(average_model(self))  # updates that never read the device
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -22,6 +22,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
+from lightning_qlab.averaged_model import HostCountedAverage
+
 __all__ = ["TRAINING_WEIGHTS", "sharded_average", "save_sharded_layout", "load_sharded_layout"]
 
 #: The key, inside a sharded checkpoint's ``state_dict``, of the training weights (the last iterate).
@@ -62,7 +64,7 @@ def sharded_average(module: nn.Module, use_buffers: bool,
                     multi_avg_fn: Callable[[list[Tensor], list[Tensor], Tensor], None]) -> AveragedModel:
     """An ``AveragedModel`` of the sharded ``module`` (which cannot be deep-copied): its
     ``module`` is :func:`tensor_copy` of it."""
-    average = AveragedModel(nn.Module(), use_buffers=use_buffers, multi_avg_fn=multi_avg_fn)
+    average = HostCountedAverage(nn.Module(), use_buffers=use_buffers, multi_avg_fn=multi_avg_fn)
     average.module = tensor_copy(module)
     return average
 

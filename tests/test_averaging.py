@@ -14,6 +14,7 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 
 from lightning_helpers import BatchNormNet, RegressionNet, classification_data, quiet_trainer, regression_data
+from lightning_qlab.averaged_model import HostCountedAverage
 from lightning_qlab.averaging import DEFAULT_ETA, PolynomialAveraging, polynomial_decay_multi_avg_fn
 from lightning_qlab.mixin import QLABConfig
 
@@ -89,6 +90,57 @@ def test_integer_buffers_take_the_current_value():
         average.update_parameters(net)
     assert average.module.num_batches_tracked.item() == net.num_batches_tracked.item() == 3
     assert not torch.equal(average.module.running_mean, net.running_mean)  # the float buffers are averaged
+
+
+def test_the_host_counted_average_equals_torchs_and_reads_the_device_once(monkeypatch):
+    """What the callback averages with: torch's AveragedModel, less its two reads of n_averaged per
+    update (on a GPU, two synchronisations every step). It reads the count once, at the first
+    update and again after a load, and otherwise agrees with torch's (its weight is a Python
+    float rather than a float32 tensor)."""
+    from test_optimizer_reads import counted_reads
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8))
+    ours = HostCountedAverage(net, multi_avg_fn=polynomial_decay_multi_avg_fn(), use_buffers=True)
+    theirs = AveragedModel(net, multi_avg_fn=polynomial_decay_multi_avg_fn(), use_buffers=True)
+    saved = None
+    for step in range(6):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+            net[1].running_mean.add_(1.0)
+            net[1].num_batches_tracked.add_(1)
+        theirs.update_parameters(net)
+        with counted_reads(monkeypatch) as reads:
+            ours.update_parameters(net)
+        assert len(reads) == (1 if step in (0, 4) else 0), step
+        if step == 2:
+            saved = {name: value.clone() for name, value in ours.state_dict().items()}
+        if step == 3:  # a resume: the count comes back from the state
+            ours.load_state_dict(saved)
+            theirs.load_state_dict(saved)
+    assert int(ours.n_averaged) == int(theirs.n_averaged) == 5
+    for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="counts CUDA synchronisations: needs a GPU")
+def test_on_cuda_the_average_updates_without_synchronising():
+    import warnings
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8)).cuda()
+    average = HostCountedAverage(net, multi_avg_fn=polynomial_decay_multi_avg_fn(), use_buffers=True)
+    average.update_parameters(net)  # the first update reads the count once
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(3):
+                average.update_parameters(net)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert not [w for w in caught if "synchroniz" in str(w.message)]
 
 
 @pytest.mark.parametrize("eta", [-1.0, math.nan, math.inf, True, "3"])
