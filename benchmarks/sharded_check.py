@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, Trainer
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lightning_qlab.models import ImageClassifier, MultiLayerPerceptron
 from lightning_qlab.strategies import FSDP2Strategy
@@ -67,8 +67,12 @@ def main() -> None:
     processes = 2 if args.cpu else torch.cuda.device_count()
     # The same global batch for every strategy: one process reads all of it.
     per_process = args.batch_size * processes if args.strategy == "single" else args.batch_size
-    # The samples are drawn independently already: unshuffled, every strategy reads them in one order.
-    trainer.fit(model, DataLoader(data(args.batch_size * processes * args.steps), batch_size=per_process))
+    # Every strategy reads the same samples per step: Lightning gives the parallel strategies a
+    # DistributedSampler that shuffles (seed 0), and one over a single replica, given to the single
+    # device, draws the same permutation, so its batch k is the union of the processes' batches k.
+    samples = data(args.batch_size * processes * args.steps)
+    single = DistributedSampler(samples, num_replicas=1, rank=0, shuffle=True, seed=0) if args.strategy == "single" else None
+    trainer.fit(model, DataLoader(samples, batch_size=per_process, sampler=single))
     optimizer = trainer.optimizers[0]
     step_ms = 1000 * (record.times[-1] - record.times[19]) / (len(record.times) - 20)
     result = {"strategy": args.strategy, "processes": trainer.world_size, "steps": trainer.global_step,
