@@ -126,21 +126,16 @@ def test_the_host_counted_average_equals_torchs_and_reads_the_device_once(monkey
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="counts CUDA synchronisations: needs a GPU")
 def test_on_cuda_the_average_updates_without_synchronising():
-    import warnings
+    from test_optimizer_reads import cuda_synchronisations
 
     net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8)).cuda()
     average = HostCountedAverage(net, multi_avg_fn=polynomial_decay_multi_avg_fn(), use_buffers=True)
     average.update_parameters(net)  # the first update reads the count once
     torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            for _ in range(3):
-                average.update_parameters(net)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    assert not [w for w in caught if "synchroniz" in str(w.message)]
+    with cuda_synchronisations() as synchronisations:
+        for _ in range(3):
+            average.update_parameters(net)
+    assert synchronisations == []
 
 
 @pytest.mark.parametrize("eta", [-1.0, math.nan, math.inf, True, "3"])

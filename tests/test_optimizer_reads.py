@@ -9,6 +9,7 @@ those methods of ``torch.Tensor`` during ``QLAB.step``, which catches them on th
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -34,6 +35,20 @@ def counted_reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
 
             patch.setattr(torch.Tensor, name, wrapper)
         yield reads
+
+
+@contextmanager
+def cuda_synchronisations() -> Iterator[list[str]]:
+    """The synchronisations CUDA's sync debug mode reports inside the block (messages)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        synchronisations: list[str] = []
+        try:
+            yield synchronisations
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            synchronisations += [str(w.message) for w in caught if "synchroniz" in str(w.message)]
 
 
 def problem():
@@ -84,8 +99,6 @@ def test_a_probe_with_reduce_losses_still_reads_once(monkeypatch) -> None:
 def test_on_cuda_steps_between_probes_do_not_synchronise(direction: str) -> None:
     """The device's own count, which also catches implicit synchronisations (a boolean mask,
     a host copy inside a torch op) that wrapping the Tensor methods cannot see."""
-    import warnings
-
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).cuda()
     x, y = torch.randn(64, 6, device="cuda"), torch.randint(0, 3, (64,), device="cuda")
@@ -99,13 +112,8 @@ def test_on_cuda_steps_between_probes_do_not_synchronise(direction: str) -> None
         if step == 7:
             model[2].bias.grad[0] = math.nan
         torch.cuda.synchronize()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                opt.step(loss, loss_fn)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        per_step.append(sum("synchroniz" in str(w.message) for w in caught))
+        with cuda_synchronisations() as synchronisations:
+            opt.step(loss, loss_fn)
+        per_step.append(len(synchronisations))
     assert per_step[1:] == [0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1]
     assert opt.events["nonfinite_gradient"] == 1
