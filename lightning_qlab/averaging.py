@@ -68,8 +68,9 @@ def polynomial_decay_multi_avg_fn(eta: float = DEFAULT_ETA) -> Callable[[list[Te
 
     ``AveragedModel`` copies the first iterate itself and then calls this with the number of
     iterates averaged so far (``t - 1``): a tensor (torch's ``AveragedModel``; the weight is then
-    computed on the parameters' device) or an int (:class:`~lightning_qlab.averaged_model.HostCountedAverage`). Integer buffers (BatchNorm's ``num_batches_tracked``)
-    are counters, not estimates: they take the current value.
+    computed on the parameters' device) or an int
+    (:class:`~lightning_qlab.averaged_model.HostCountedAverage`). Integer buffers (BatchNorm's
+    ``num_batches_tracked``) are counters, not estimates: they take the current value.
 
     Example:
         >>> import torch

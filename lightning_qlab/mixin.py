@@ -517,9 +517,10 @@ class QLABMixin:
 
 
 def _check_strategy(strategy: Any) -> None:
-    """Refuse the strategies QLAB's manual optimization cannot run under, saying what to use."""
+    """Refuse the strategies QLAB's manual optimization cannot run under, saying what to use (the
+    command reports a MisconfigurationException in one line)."""
     if isinstance(strategy, DeepSpeedStrategy):
-        raise NotImplementedError(
+        raise MisconfigurationException(
             "QLABMixin does not run under DeepSpeed: DeepSpeed steps the optimizer inside its own "
             "engine, which has no place for QLAB's trial forward, and keeps its own optimizer state. "
             "Shard with ModelParallelStrategy (FSDP2; configs/trainer/fsdp.yaml) instead."
@@ -528,13 +529,13 @@ def _check_strategy(strategy: Any) -> None:
         # Lightning runs training_step inside the FSDP1 root's forward, so the backward of manual
         # optimization finds FSDP's handles still in their forward state and fails an assertion
         # (seen on a GPU; Lightning issue 19685).
-        raise NotImplementedError(
+        raise MisconfigurationException(
             "QLABMixin does not run under FSDPStrategy (FSDP1): it optimizes manually, and Lightning "
             "cannot run a backward inside an FSDP1 module's training_step. Use FSDP2 instead: "
             "strategy=lightning_qlab.FSDP2Strategy (configs/trainer/fsdp.yaml)."
         )
     if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy, ModelParallelStrategy)):
-        raise NotImplementedError(
+        raise MisconfigurationException(
             f"QLABMixin supports single-device, DDP and ModelParallelStrategy (FSDP2) training, got "
             f"{type(strategy).__name__}. Use one of those."
         )

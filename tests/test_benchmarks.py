@@ -21,7 +21,8 @@ def test_panels_list_every_family() -> None:
     assert families == {"QLAB", "SGD grid", "Momentum grid", "Adam", "LR-free", "floor"}
     text = compare.contenders("text-transformer")
     assert {c.family for c in text} == families | {"AdamW grid"}
-    assert [c.name for c in text if c.family == "AdamW grid"] == ["AdamW lr=0.001", "AdamW lr=0.003", "AdamW lr=0.01"]
+    assert [c.name for c in text if c.family == "AdamW grid"] == [
+        "AdamW lr=0.0003", "AdamW lr=0.001", "AdamW lr=0.003", "AdamW lr=0.01"]
     # The default first, the other safeguarded directions, the published rule; the sweep covers
     # 1e-6 ... 10 for the default and the published rule.
     assert [n for n in names if n.startswith("QLAB ")] == [

@@ -77,6 +77,8 @@ def test_resume_from_a_distributed_checkpoint_equals_the_uninterrupted_run(resul
 def test_deepspeed_is_refused_with_what_to_use_instead():
     from types import SimpleNamespace
 
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
     from lightning_helpers import RegressionNet
@@ -84,7 +86,7 @@ def test_deepspeed_is_refused_with_what_to_use_instead():
     module = RegressionNet()
     # The check looks at the strategy's type only; DeepSpeed itself is not installed here.
     module._trainer = SimpleNamespace(strategy=DeepSpeedStrategy.__new__(DeepSpeedStrategy))
-    with pytest.raises(NotImplementedError, match=r"does not run under DeepSpeed.*trial forward.*configs/trainer/fsdp.yaml"):
+    with pytest.raises(MisconfigurationException, match=r"does not run under DeepSpeed.*trial forward.*configs/trainer/fsdp.yaml"):
         module._qlab_check_setup()
 
 
@@ -96,6 +98,7 @@ def test_fsdp1_is_refused_before_any_callback_meets_it_with_what_to_use_instead(
 
     from lightning.pytorch.strategies import FSDPStrategy
     from lightning.pytorch.trainer.states import TrainerFn
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
     from lightning_helpers import RegressionNet
 
@@ -103,7 +106,7 @@ def test_fsdp1_is_refused_before_any_callback_meets_it_with_what_to_use_instead(
     module._trainer = SimpleNamespace(strategy=FSDPStrategy(), state=SimpleNamespace(fn=TrainerFn.FITTING),
                                       callbacks=[])
     for check in (module.configure_callbacks, module._qlab_check_setup):
-        with pytest.raises(NotImplementedError, match=r"FSDPStrategy \(FSDP1\).*backward.*lightning_qlab.FSDP2Strategy"):
+        with pytest.raises(MisconfigurationException, match=r"FSDPStrategy \(FSDP1\).*backward.*lightning_qlab.FSDP2Strategy"):
             check()
     module._trainer.state.fn = TrainerFn.TESTING  # evaluating needs no backward
     assert len(module.configure_callbacks()) == 1
