@@ -71,8 +71,10 @@ def main() -> None:
     # DistributedSampler that shuffles (seed 0), and one over a single replica, given to the single
     # device, draws the same permutation, so its batch k is the union of the processes' batches k.
     samples = data(args.batch_size * processes * args.steps)
-    single = DistributedSampler(samples, num_replicas=1, rank=0, shuffle=True, seed=0) if args.strategy == "single" else None
-    trainer.fit(model, DataLoader(samples, batch_size=per_process, sampler=single))
+    sampler = None  # the parallel strategies: Lightning's
+    if args.strategy == "single":
+        sampler = DistributedSampler(samples, num_replicas=1, rank=0, shuffle=True, seed=0)
+    trainer.fit(model, DataLoader(samples, batch_size=per_process, sampler=sampler))
     optimizer = trainer.optimizers[0]
     step_ms = 1000 * (record.times[-1] - record.times[19]) / (len(record.times) - 20)
     result = {"strategy": args.strategy, "processes": trainer.world_size, "steps": trainer.global_step,

@@ -218,8 +218,8 @@ def main() -> None:
             torch.manual_seed(0)
             model = build().to(device)
             probes: list[int] = []
-            times = time_variants(make_steppers(model, make_batches(device), args.max_probe_interval, probes), device, args.warmup,
-                                  args.repeats, args.block)
+            steppers = make_steppers(model, make_batches(device), args.max_probe_interval, probes)
+            times = time_variants(steppers, device, args.warmup, args.repeats, args.block)
             rounds.append({k: statistics.median(v) for k, v in times.items()})
             timed_probes += sum(step > args.warmup for step in probes)
         med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}

@@ -86,7 +86,8 @@ def test_deepspeed_is_refused_with_what_to_use_instead():
     module = RegressionNet()
     # The check looks at the strategy's type only; DeepSpeed itself is not installed here.
     module._trainer = SimpleNamespace(strategy=DeepSpeedStrategy.__new__(DeepSpeedStrategy))
-    with pytest.raises(MisconfigurationException, match=r"does not run under DeepSpeed.*trial forward.*configs/trainer/fsdp.yaml"):
+    refusal = r"does not run under DeepSpeed.*trial forward.*configs/trainer/fsdp.yaml"
+    with pytest.raises(MisconfigurationException, match=refusal):
         module._qlab_check_setup()
 
 
@@ -106,7 +107,8 @@ def test_fsdp1_is_refused_before_any_callback_meets_it_with_what_to_use_instead(
     module._trainer = SimpleNamespace(strategy=FSDPStrategy(), state=SimpleNamespace(fn=TrainerFn.FITTING),
                                       callbacks=[])
     for check in (module.configure_callbacks, module._qlab_check_setup):
-        with pytest.raises(MisconfigurationException, match=r"FSDPStrategy \(FSDP1\).*backward.*lightning_qlab.FSDP2Strategy"):
+        refusal = r"FSDPStrategy \(FSDP1\).*backward.*lightning_qlab.FSDP2Strategy"
+        with pytest.raises(MisconfigurationException, match=refusal):
             check()
     module._trainer.state.fn = TrainerFn.TESTING  # evaluating needs no backward
     assert len(module.configure_callbacks()) == 1
