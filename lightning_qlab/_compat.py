@@ -19,13 +19,12 @@ __all__ = [
     # torch
     "is_normalization_layer",
     "foreach_copy_",
+    "foreach_zero_",
     "foreach_lerp_",
     "foreach_mul_",
     "foreach_add_",
-    "foreach_addcmul_",
     "foreach_addcdiv_",
     "foreach_div_",
-    "foreach_sqrt_",
     "foreach_norm",
     "fused_adamw_",
     "fused_sgd_",
@@ -91,6 +90,12 @@ def foreach_copy_(destinations: list[Tensor], sources: list[Tensor]) -> None:
     torch._foreach_copy_(destinations, sources)
 
 
+@_private("torch._foreach_zero_")
+def foreach_zero_(tensors: list[Tensor]) -> None:
+    """``t.zero_()`` for every tensor, in one fused call."""
+    torch._foreach_zero_(tensors)
+
+
 @_private("torch._foreach_lerp_")
 def foreach_lerp_(starts: list[Tensor], ends: list[Tensor], weight: Tensor | float) -> None:
     """``s.lerp_(e, weight)`` for every pair, in one fused call."""
@@ -112,12 +117,6 @@ def foreach_add_(tensors: list[Tensor], others: list[Tensor] | Tensor | float, a
         torch._foreach_add_(tensors, others)
 
 
-@_private("torch._foreach_addcmul_")
-def foreach_addcmul_(tensors: list[Tensor], first: list[Tensor], second: list[Tensor], value: float) -> None:
-    """``t.addcmul_(a, b, value=value)`` for every triple, in one fused call."""
-    torch._foreach_addcmul_(tensors, first, second, value=value)
-
-
 @_private("torch._foreach_addcdiv_")
 def foreach_addcdiv_(tensors: list[Tensor], numerators: list[Tensor], denominators: list[Tensor], value: float) -> None:
     """``t.addcdiv_(n, d, value=value)`` for every triple, in one fused call."""
@@ -128,12 +127,6 @@ def foreach_addcdiv_(tensors: list[Tensor], numerators: list[Tensor], denominato
 def foreach_div_(tensors: list[Tensor], divisor: float) -> None:
     """``t.div_(divisor)`` for every tensor."""
     torch._foreach_div_(tensors, divisor)
-
-
-@_private("torch._foreach_sqrt_")
-def foreach_sqrt_(tensors: list[Tensor]) -> None:
-    """``t.sqrt_()`` for every tensor."""
-    torch._foreach_sqrt_(tensors)
 
 
 @_private("torch._foreach_norm")

@@ -1,7 +1,7 @@
 """Parameter-shaped temporaries of QLAB's probing step, kept between probes on the CPU.
 
 A probing step needs two temporaries the size of the parameters: ``w`` itself, to come back to
-from the trial point, and the ray's denominators. On the CPU a fresh tensor that large is mapped
+from the trial point, and the ray ``d``. On the CPU a fresh tensor that large is mapped
 from the operating system page by page; on the MLP of ``benchmarks/step_cost.py`` that made a
 probing step cost as much as two more forwards. Kept from one probe to the next, the same
 tensors cost nothing after the first. On other devices nothing is kept: CUDA's caching allocator

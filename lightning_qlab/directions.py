@@ -2,35 +2,33 @@
 
 Every direction keeps its per-parameter state (moment buffers) and answers three questions:
 
-* ``probe``: the ray ``d`` the parabola is fitted along. In ``"safeguarded"`` mode it is a
-  descent direction for the current mini-batch (``g`` or the RMS-scaled ``g``), so the fit is
-  meaningful; in ``"paper"`` mode it is the direction itself, as QLABGrad (v1) fits it. A
-  :class:`Ray` keeps ``d`` as ``scale * numerators / denominators`` without materialising it: a
-  probing step's cost is mostly passes over the parameters, and on the CPU each new
-  parameter-sized tensor also pays for fresh memory.
+* ``probe``: write the ray ``d`` the parabola is fitted along into a zeroed workspace, updating
+  the moments ``d`` is made of. In ``"safeguarded"`` mode ``d`` is a descent direction for the
+  current mini-batch (``g`` or the RMS-scaled ``g``), so the fit is meaningful; in ``"paper"``
+  mode it is the direction itself, as QLABGrad (v1) fits it. ``d`` comes out of torch's fused
+  SGD/Adam kernels run on the zeroed workspace with step ``-1`` (``0 - (-1) u = u``): one pass
+  over the parameters writes ``d`` and updates the moments, and ``found_inf`` (a device scalar,
+  1.0 for a step to be skipped) leaves everything as it was -- ``d`` zero, the moments untouched --
+  without a read, as it does for ``torch.amp.GradScaler``.
+* ``finish``: after the probe's read, update the moments the probe did not need (the momentum
+  of a safeguarded ``momentum`` or ``adam`` direction, which probe along ``g`` but step along
+  their momentum).
 * ``move``: ``w <- w - a u``, the step along the vector ``u`` the parameters move along. For
   ``sgd`` and ``rmsprop`` ``u`` is ``d``; ``momentum`` and ``adam`` step along their momentum,
-  which carries past gradients (Adam's step is one ``addcdiv`` with its probe's denominators).
+  which carries past gradients.
 * ``edge``: how many fitted minimisers the step can be before the update diverges on a
   quadratic (the stability edge): 2 without momentum; ``2 (1 + mu)`` for the heavy ball;
   ``2 (1 + beta1) / (1 - beta1)`` for Adam's averaged momentum (Cohen et al., "Adaptive
   gradient methods at the edge of stability", 2022).
 
-The moment updates take a device scalar ``keep`` (1.0, or 0.0 for a step to be skipped): a
-non-finite gradient must change nothing, and that is only known on the device until QLAB reads
-it. Gradients are made finite before (see :func:`finite_gradients`), so ``keep = 0`` turns the
-update into the identity without a read.
-
-:meth:`Direction.fused_step` takes a whole step without reading anything from the device, with
-torch's fused Adam/SGD kernels: ``found_inf`` skips it on the device when the gradient is not
-finite, as ``torch.amp.GradScaler`` does.
+:meth:`Direction.fused_step` takes a whole step of a given size without reading anything from
+the device, with the same fused kernels.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -38,53 +36,27 @@ from torch import Tensor
 from lightning_qlab import _compat
 from lightning_qlab._checks import wide_dtype
 
-__all__ = ["DIRECTIONS", "Direction", "Ray", "finite_gradients"]
+__all__ = ["DIRECTIONS", "Direction", "squared_norms", "dots"]
 
 
-def finite_gradients(grads: list[Tensor]) -> Tensor:
-    """Each gradient's ``|g_i|^2`` (a device vector, float32 or wider, inf/NaN where an entry is);
-    then non-finite entries are set to 0 in place, so that a step that will be skipped can still
-    be computed harmlessly."""
+def squared_norms(tensors: list[Tensor]) -> Tensor:
+    """Each tensor's ``|t_i|^2`` (a device vector, float32 or wider; inf/NaN where an entry is)."""
+    return torch.stack(_compat.foreach_norm(tensors, wide_dtype(tensors[0].dtype))).square()
+
+
+def dots(grads: list[Tensor], ray: list[Tensor]) -> Tensor:
+    """The vector of ``<g_i, d_i>``, accumulated in float32 or wider, on the device."""
     dtype = wide_dtype(grads[0].dtype)
-    squared_norms = torch.stack(_compat.foreach_norm(grads, dtype)).square()
-    for grad in grads:
-        grad.nan_to_num_(0.0, 0.0, 0.0)
-    return squared_norms
-
-
-@dataclass(frozen=True)
-class Ray:
-    """The probed direction ``d = scale * numerators / denominators`` (``scale * numerators``
-    without denominators), tensor by tensor, never materialised."""
-
-    numerators: list[Tensor]
-    denominators: Optional[list[Tensor]] = None
-    scale: float = 1.0
-
-    def dots(self, grads: list[Tensor], scratch: list[Tensor]) -> Tensor:
-        """The vector of ``<g_i, d_i>`` in float32 or wider, on the device; ``scratch`` (tensors
-        like the gradients, overwritten) holds the quotients ``n_i / den_i``."""
-        dtype = wide_dtype(grads[0].dtype)
-        quotients = self.numerators if self.denominators is None else [
-            torch.div(n, den, out=out) for n, den, out in zip(self.numerators, self.denominators, scratch)]
-        dots = [torch.vdot(g.reshape(-1).to(dtype), q.reshape(-1).to(dtype)) for g, q in zip(grads, quotients)]
-        return torch.stack(dots) * self.scale
-
-    def shift_(self, params: list[Tensor], distance: float) -> None:
-        """``w <- w - distance * d`` in place."""
-        if self.denominators is None:
-            _compat.foreach_add_(params, self.numerators, -distance * self.scale)
-        else:
-            _compat.foreach_addcdiv_(params, self.numerators, self.denominators, -distance * self.scale)
-
-
-def _decay(rate: float, keep: Tensor) -> Tensor:
-    """``rate`` where the step is kept, 1.0 where it is skipped (a device scalar)."""
-    return keep * rate + (1.0 - keep)
+    return torch.stack([torch.vdot(g.reshape(-1).to(dtype), d.reshape(-1).to(dtype)) for g, d in zip(grads, ray)])
 
 
 class Direction:
-    """One direction. Subclasses say which buffers they keep and how they use them."""
+    """One direction. Subclasses say which buffers they keep and how they use them.
+
+    Every method gets the tensors of one parameter group; ``probe`` and ``fused_step`` get one
+    device and dtype of it (what the fused kernels take), with the steps counted so far
+    (``state["step"]``, this step included) for the bias corrections.
+    """
 
     name = ""
     buffers: tuple[str, ...] = ()
@@ -92,20 +64,20 @@ class Direction:
     def edge(self, group: dict[str, Any]) -> float:
         return 2.0
 
-    def update_moments(self, group: dict, states: list[dict], grads: list[Tensor], keep: Tensor, t: int) -> None:
-        """Add this step's gradient to the buffers (nothing when ``keep`` is 0)."""
-
-    def probe(self, group: dict, states: list[dict], grads: list[Tensor], t: int, paper: bool,
-              scratch: list[Tensor]) -> Ray:
-        """The ray ``d`` to fit along; ``scratch`` (tensors like the gradients) may hold its
-        denominators."""
+    def probe(self, group: dict, states: list[dict], grads: list[Tensor], ray: list[Tensor], steps: list[Tensor],
+              found_inf: Tensor, paper: bool) -> None:
+        """Write ``d`` into ``ray`` (zeroed), updating the moments it is made of; nothing changes
+        when ``found_inf`` is 1."""
         raise NotImplementedError
 
-    def move(self, group: dict, states: list[dict], params: list[Tensor], ray: Ray, t: int, step_size: float
-             ) -> None:
-        """``w <- w - step_size * u`` in place (``u = d`` unless the direction steps along its momentum);
-        safeguarded mode only: paper mode steps along the probed ray itself."""
-        ray.shift_(params, step_size)
+    def finish(self, group: dict, states: list[dict], grads: list[Tensor], paper: bool) -> None:
+        """Add this step's gradient to the moments :meth:`probe` left alone."""
+
+    def move(self, group: dict, states: list[dict], params: list[Tensor], ray: list[Tensor], t: int,
+             step_size: float, paper: bool) -> None:
+        """``w <- w - step_size * u`` in place (``u = d`` unless a safeguarded direction steps along
+        its momentum); ``ray`` may be overwritten."""
+        _compat.foreach_add_(params, ray, -step_size)
 
     def fused_step(self, group: dict, params: list[Tensor], grads: list[Tensor], states: list[dict], lr: float,
                    found_inf: Tensor, steps: list[Tensor]) -> None:
@@ -117,8 +89,8 @@ class SGD(Direction):
 
     name = "sgd"
 
-    def probe(self, group, states, grads, t, paper, scratch):
-        return Ray(grads)
+    def probe(self, group, states, grads, ray, steps, found_inf, paper):
+        _compat.fused_sgd_(ray, grads, [], momentum=0.0, lr=-1.0, found_inf=found_inf)
 
     def fused_step(self, group, params, grads, states, lr, found_inf, steps):
         _decay_weights(group, params, lr, found_inf)
@@ -135,16 +107,22 @@ class Momentum(Direction):
     def edge(self, group):
         return 2.0 * (1.0 + group["momentum"])
 
-    def update_moments(self, group, states, grads, keep, t):
-        buffers = [s["momentum_buffer"] for s in states]
-        _compat.foreach_mul_(buffers, _decay(group["momentum"], keep))
-        _compat.foreach_add_(buffers, grads)  # a zeroed gradient adds nothing
+    def probe(self, group, states, grads, ray, steps, found_inf, paper):
+        buffers = [s["momentum_buffer"] for s in states] if paper else []
+        _compat.fused_sgd_(ray, grads, buffers, momentum=group["momentum"] if paper else 0.0, lr=-1.0,
+                           found_inf=found_inf)
 
-    def probe(self, group, states, grads, t, paper, scratch):
-        return Ray([s["momentum_buffer"] for s in states] if paper else grads)
+    def finish(self, group, states, grads, paper):
+        if not paper:
+            buffers = [s["momentum_buffer"] for s in states]
+            _compat.foreach_mul_(buffers, group["momentum"])
+            _compat.foreach_add_(buffers, grads)
 
-    def move(self, group, states, params, ray, t, step_size):
-        _compat.foreach_add_(params, [s["momentum_buffer"] for s in states], -step_size)
+    def move(self, group, states, params, ray, t, step_size, paper):
+        if paper:
+            super().move(group, states, params, ray, t, step_size, paper)
+        else:
+            _compat.foreach_add_(params, [s["momentum_buffer"] for s in states], -step_size)
 
     def fused_step(self, group, params, grads, states, lr, found_inf, steps):
         _decay_weights(group, params, lr, found_inf)
@@ -159,22 +137,8 @@ class RMSprop(Direction):
     name = "rmsprop"
     buffers = ("exp_avg_sq",)
 
-    def update_moments(self, group, states, grads, keep, t):
-        beta2 = group["betas"][1]
-        squares = [s["exp_avg_sq"] for s in states]
-        _compat.foreach_mul_(squares, _decay(beta2, keep))
-        _compat.foreach_addcmul_(squares, grads, grads, 1.0 - beta2)
-
-    def ray(self, group, states, numerators, t, denominators, scale: float = 1.0) -> Ray:
-        """``scale * numerators / (sqrt(v_hat) + eps)``, the denominators written into ``denominators``."""
-        _compat.foreach_copy_(denominators, [s["exp_avg_sq"] for s in states])
-        _compat.foreach_sqrt_(denominators)
-        _compat.foreach_div_(denominators, math.sqrt(1.0 - group["betas"][1] ** t))
-        _compat.foreach_add_(denominators, group["eps"])
-        return Ray(numerators, denominators, scale)
-
-    def probe(self, group, states, grads, t, paper, scratch):
-        return self.ray(group, states, grads, t, scratch)
+    def probe(self, group, states, grads, ray, steps, found_inf, paper):
+        RMSprop.fused_step(self, dict(group, weight_decay=0.0), ray, grads, states, -1.0, found_inf, steps)
 
     def fused_step(self, group, params, grads, states, lr, found_inf, steps):
         # Adam's kernel with beta1 = 0 is this update; its first moment would just be a copy of the
@@ -195,23 +159,27 @@ class Adam(RMSprop):
         beta1 = group["betas"][0]
         return 2.0 * (1.0 + beta1) / (1.0 - beta1)
 
-    def update_moments(self, group, states, grads, keep, t):
-        beta1 = group["betas"][0]
-        averages = [s["exp_avg"] for s in states]
-        _compat.foreach_mul_(averages, _decay(beta1, keep))
-        _compat.foreach_add_(averages, grads, 1.0 - beta1)
-        super().update_moments(group, states, grads, keep, t)
+    def probe(self, group, states, grads, ray, steps, found_inf, paper):
+        if paper:  # the fit along u itself
+            Adam.fused_step(self, dict(group, weight_decay=0.0), ray, grads, states, -1.0, found_inf, steps)
+        else:
+            super().probe(group, states, grads, ray, steps, found_inf, paper)
 
-    def probe(self, group, states, grads, t, paper, scratch):
-        if paper:  # the fit along u = m_hat / (sqrt(v_hat) + eps) itself
-            return self.ray(group, states, [s["exp_avg"] for s in states], t, scratch,
-                            scale=1.0 / (1.0 - group["betas"][0] ** t))
-        return self.ray(group, states, grads, t, scratch)
+    def finish(self, group, states, grads, paper):
+        if not paper:
+            _compat.foreach_lerp_([s["exp_avg"] for s in states], grads, 1.0 - group["betas"][0])
 
-    def move(self, group, states, params, ray, t, step_size):
-        # w - a m_hat / (sqrt(v_hat) + eps): Adam's step, with the denominators of the probe's ray.
-        _compat.foreach_addcdiv_(params, [s["exp_avg"] for s in states], ray.denominators,
-                                 -step_size / (1.0 - group["betas"][0] ** t))
+    def move(self, group, states, params, ray, t, step_size, paper):
+        if paper:
+            super().move(group, states, params, ray, t, step_size, paper)
+            return
+        # w - a m_hat / (sqrt(v_hat) + eps): the denominators are written over the probe's ray.
+        beta1, beta2 = group["betas"]
+        for den, square in zip(ray, (s["exp_avg_sq"] for s in states)):
+            torch.sqrt(square, out=den)
+        _compat.foreach_div_(ray, math.sqrt(1.0 - beta2 ** t))
+        _compat.foreach_add_(ray, group["eps"])
+        _compat.foreach_addcdiv_(params, [s["exp_avg"] for s in states], ray, -step_size / (1.0 - beta1 ** t))
 
     def fused_step(self, group, params, grads, states, lr, found_inf, steps):
         _compat.fused_adamw_(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],

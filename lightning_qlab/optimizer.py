@@ -48,7 +48,7 @@ from lightning_qlab import _compat
 from lightning_qlab._checks import is_integer, is_number, wide_dtype
 from lightning_qlab._workspace import Workspace
 from lightning_qlab.directions import DIRECTIONS as _DIRECTION_TABLE
-from lightning_qlab.directions import Ray, finite_gradients
+from lightning_qlab.directions import dots, squared_norms
 from lightning_qlab.sharding import ShardLayout, local
 
 __all__ = [
@@ -611,9 +611,7 @@ class QLAB(Optimizer):
     def _fused_step(self, loss: Tensor, params: list[Tensor], grads: list[Tensor], states: list[dict],
                     groups: list, layout: ShardLayout) -> Tensor:
         """A step of the held size along the direction, in fused kernels; reads nothing."""
-        dtype = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
-        total = layout.total(torch.stack(_compat.foreach_norm(grads, dtype)))
-        found_inf = (~torch.isfinite(total)).to(torch.float32)
+        found_inf = (~torch.isfinite(layout.total(squared_norms(grads)))).to(torch.float32)
         step_size = self.trial_distance
         direction = _DIRECTION_TABLE[self.direction]
         for group, start, end in groups:
@@ -632,29 +630,22 @@ class QLAB(Optimizer):
         """Fit the parabola along d at the trial point, then take the step; one read in all."""
         direction = _DIRECTION_TABLE[self.direction]
         paper = self.mode == "paper"
-        # Non-finite entries are zeroed: the step is skipped below. Every process must know |g|^2
-        # before the moments are updated (a skipped step must change no buffer on any of them).
-        grad_sq = layout.total(finite_gradients(grads))
-        # Nothing may change for a step that is skipped: keep = 0 makes the moment updates the
-        # identity. Without reduce_losses the loss is known here; with it, every rank must update
-        # its moments alike, so only the gradient (the same on every rank) decides.
-        keep = (torch.isfinite(grad_sq) & (grad_sq > 0)).to(grad_sq.dtype)
+        # Every process must know |g|^2 before the moments are updated: a skipped step must change
+        # no buffer on any of them. Without reduce_losses the loss is known here; with it, every
+        # rank must update its moments alike, so only the gradient (the same on every rank) decides.
+        grad_sq = layout.total(squared_norms(grads))
+        keep = torch.isfinite(grad_sq) & (grad_sq > 0)
         if reduce_losses is None:
-            keep = keep * torch.isfinite(loss).to(keep)
-        _compat.foreach_mul_(grads, keep.to(grads[0].dtype))  # a skipped step adds no gradient to the moments
-        t = self.direction_updates
-        denominators = self._workspace.like("denominators", params)
-        # w itself, kept until the step: coming back by adding beta d again would leave a rounding
-        # error of the size of beta d, more than the step when the fit asks for a much shorter one.
-        # Until it takes w it holds the quotients of the dots.
-        origin = self._workspace.like("origin", params)
-        rays: list[tuple[dict, int, int, Ray]] = []  # per group with gradients: its slice and the ray d
+            keep = keep & torch.isfinite(loss)
+        found_inf = (~keep).to(torch.float32)
+        ray = self._workspace.like("ray", params)  # d, written by the direction's kernels
+        _compat.foreach_zero_(ray)
         for group, start, end in groups:
-            if end > start:
-                direction.update_moments(group, states[start:end], grads[start:end], keep, t)
-                rays.append((group, start, end, direction.probe(group, states[start:end], grads[start:end], t, paper,
-                                                                denominators[start:end])))
-        g_dot_d = layout.total(torch.cat([ray.dots(grads[start:end], origin[start:end]) for _, start, end, ray in rays]))
+            for chunk in _by_device_and_dtype(params[start:end]):
+                index = [start + i for i in chunk]
+                direction.probe(group, [states[i] for i in index], [grads[i] for i in index], [ray[i] for i in index],
+                                [states[i]["step"] for i in index], found_inf.to(params[index[0]].device), paper)
+        g_dot_d = layout.total(dots(grads, ray))
         beta = self.trial_distance
         if beta * beta < sys.float_info.min:
             # The curvature A = (...) / beta^2 can no longer be represented (beta^2 is zero or
@@ -666,11 +657,18 @@ class QLAB(Optimizer):
                 "(fresh dropout masks, another batch, eval mode): lightning_qlab.TrialForward "
                 "replays the dropout masks for you."
             )
+        # w itself, kept until the step: adding beta d back would not give w to the last bit, and a
+        # step that is shorter than beta d's rounding (or not taken at all) must start from w exactly.
+        origin = self._workspace.like("origin", params)
         _compat.foreach_copy_(origin, params)
-        _shift(rays, params, beta)
+        _compat.foreach_add_(params, ray, -beta)
         c, trial, gd, squared, unread = self._read(loss, trial_loss_fn, reduce_losses, params, origin, beta,
                                                    [g_dot_d, grad_sq, self._unread_skips])
         self._count_unread_skips(unread)
+        if math.isfinite(squared) and squared > 0.0 and (reduce_losses is not None or math.isfinite(c)):
+            for group, start, end in groups:  # the gradient counts (keep was 1): the rest of the moments
+                if end > start:
+                    direction.finish(group, states[start:end], grads[start:end], paper)
         skipped = None
         if not math.isfinite(squared):
             skipped = "nonfinite_gradient"
@@ -690,7 +688,7 @@ class QLAB(Optimizer):
 
             def probe(from_distance: float, to_distance: float) -> float:
                 """Move from w - from_distance d to w - to_distance d; the trial loss there."""
-                _shift(rays, params, to_distance - from_distance)
+                _compat.foreach_add_(params, ray, from_distance - to_distance)
                 return self._read(loss, trial_loss_fn, reduce_losses, params, origin, to_distance)[1]
 
             resolution = RESOLVED_CURVATURE_EPS * torch.finfo(loss.dtype).eps
@@ -712,27 +710,26 @@ class QLAB(Optimizer):
             self.trial_distance = held
             step_size = 0.0 if solution.event == "nonfinite_trial" else held
         self.next_probe = self.steps + self.probe_interval
-        self._move(params, origin, rays, states, step_size)
+        self._move(params, origin, ray, groups, states, step_size)
         if solution.event is not None:
             self.events[solution.event] += 1
         self._record(step_size, beta, solution.curvature, c, trial, -gd, event, probes)
         return loss
 
     # ------------------------------------------------------------------ internals
-    def _move(self, params: list[Tensor], origin: list[Tensor], rays: list[tuple[dict, int, int, Ray]],
-              states: list[dict], step_size: float) -> None:
+    def _move(self, params: list[Tensor], origin: list[Tensor], ray: list[Tensor], groups: list, states: list[dict],
+              step_size: float) -> None:
         """From the trial point to ``w (1 - a lambda) - a u`` (``origin`` holds ``w``), group by group."""
         _compat.foreach_copy_(params, origin)
         direction = _DIRECTION_TABLE[self.direction]
-        for group, start, end, ray in rays:
-            group_params = params[start:end]
+        for group, start, end in groups:
+            if end == start:
+                continue
             decay = group["weight_decay"] * step_size
             if decay != 0.0:
-                _compat.foreach_mul_(group_params, 1.0 - decay)
-            if self.mode == "paper":
-                ray.shift_(group_params, step_size)
-            else:
-                direction.move(group, states[start:end], group_params, ray, self.direction_updates, step_size)
+                _compat.foreach_mul_(params[start:end], 1.0 - decay)
+            direction.move(group, states[start:end], params[start:end], ray[start:end], self.direction_updates,
+                           step_size, self.mode == "paper")
 
     def _stability_edge(self) -> float:
         """The smallest stability edge over the groups (their momentum settings may differ)."""
@@ -942,9 +939,3 @@ def _checked(value: Any, name: str, what: str) -> Tensor:
             "with .mean() or .sum() first."
         )
     return value
-
-
-def _shift(rays: list[tuple[dict, int, int, Ray]], params: list[Tensor], distance: float) -> None:
-    """``w <- w - distance * d`` for every group's ray."""
-    for _, start, end, ray in rays:
-        ray.shift_(params[start:end], distance)

@@ -6,6 +6,7 @@ the function, rather than somewhere inside a training run.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import pytest
@@ -92,6 +93,13 @@ def _foreach_copy() -> None:
     assert destinations[0].tolist() == [1.0, 1.0] and destinations[1].tolist() == [2.0, 2.0, 2.0]
 
 
+@check(_compat.foreach_zero_)
+def _foreach_zero() -> None:
+    tensors = [torch.full((2,), math.nan), torch.ones(3, dtype=torch.float64)]
+    _compat.foreach_zero_(tensors)
+    assert tensors[0].tolist() == [0.0, 0.0] and tensors[1].tolist() == [0.0, 0.0, 0.0]
+
+
 @check(_compat.foreach_lerp_)
 def _foreach_lerp() -> None:
     starts = [torch.zeros(2), torch.ones(2)]
@@ -118,13 +126,6 @@ def _foreach_add() -> None:
     assert tensors[0].tolist() == [0.0, 0.0]
 
 
-@check(_compat.foreach_addcmul_)
-def _foreach_addcmul() -> None:
-    tensors = [torch.ones(2)]
-    _compat.foreach_addcmul_(tensors, [torch.full((2,), 2.0)], [torch.full((2,), 3.0)], value=0.5)
-    assert tensors[0].tolist() == [4.0, 4.0]
-
-
 @check(_compat.foreach_addcdiv_)
 def _foreach_addcdiv() -> None:
     tensors = [torch.ones(2)]
@@ -137,13 +138,6 @@ def _foreach_div_() -> None:
     tensors = [torch.full((2,), 3.0)]
     _compat.foreach_div_(tensors, 4.0)
     assert tensors[0].tolist() == [0.75, 0.75]
-
-
-@check(_compat.foreach_sqrt_)
-def _foreach_sqrt_() -> None:
-    tensors = [torch.full((2,), 9.0)]
-    _compat.foreach_sqrt_(tensors)
-    assert tensors[0].tolist() == [3.0, 3.0]
 
 
 @check(_compat.foreach_norm)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from lightning_qlab._workspace import Workspace
-from lightning_qlab.directions import Ray
+from lightning_qlab.directions import DIRECTIONS
 from lightning_qlab.optimizer import GROWTH_LIMIT, QLAB, StepEstimate, StepSolution, next_held_step, solve_step_size
 
 DIM = (5, 3)  # the parameter vector is split into two tensors, in two groups
@@ -269,28 +269,39 @@ def test_solve_on_a_nonfinite_trial_loss_takes_no_step_and_halves(mode: str, tri
     assert (sol.step_size, sol.next_trial_distance, sol.event) == (0.0, 0.25, "nonfinite_trial")
 
 
-@pytest.mark.parametrize("with_denominators", [False, True])
-def test_a_ray_is_the_direction_it_stands_for(with_denominators: bool) -> None:
-    """A probe's ray is ``d = scale * n / den`` without materialising ``d``: its slopes and
-    shifts equal the ones taken with ``d`` written out, in float64 (three parameters, one empty)."""
+@pytest.mark.parametrize("paper", [False, True])
+@pytest.mark.parametrize("name", list(DIRECTIONS))
+def test_a_probe_writes_the_textbook_ray_and_a_skipped_one_changes_nothing(name: str, paper: bool) -> None:
+    """``probe`` writes ``d`` (with the moments it is made of) through the fused kernels; ``d`` is
+    the textbook formula's, in float64, at the second step (three parameters, one empty). With
+    ``found_inf = 1`` the ray stays zero and no buffer changes."""
     gen = torch.Generator().manual_seed(0)
     shapes = [(3, 4), (0,), (5,)]
+    group = dict(momentum=0.5, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1)
+    direction = DIRECTIONS[name]
+    states = [{buffer: torch.rand(s, generator=gen, dtype=torch.float64) for buffer in direction.buffers}
+              for s in shapes]
+    before = [{k: v.clone() for k, v in state.items()} for state in states]
     grads = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
-    numerators = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
-    denominators = ([torch.rand(s, generator=gen, dtype=torch.float64) + 0.5 for s in shapes]
-                    if with_denominators else None)
-    ray = Ray(numerators, denominators, scale=0.3)
-    written_out = [0.3 * n / den for n, den in zip(numerators, denominators)] if with_denominators else \
-        [0.3 * n for n in numerators]
+    steps = [torch.tensor(2.0) for _ in shapes]  # float32, as QLAB keeps them
 
-    expected_dots = torch.stack([(g * d).sum() for g, d in zip(grads, written_out)])
-    scratch = [torch.full_like(g, math.nan) for g in grads]  # overwritten, never read
-    torch.testing.assert_close(ray.dots(grads, scratch), expected_dots, rtol=1e-14, atol=0)
-    params = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
-    expected = [w - 1.7 * d for w, d in zip(params, written_out)]
-    ray.shift_(params, 1.7)
-    for w, e in zip(params, expected):
-        torch.testing.assert_close(w, e, rtol=1e-14, atol=1e-15)
+    ray = [torch.zeros(s, dtype=torch.float64) for s in shapes]
+    direction.probe(group, states, grads, ray, steps, torch.ones(()), paper)
+    assert all(torch.equal(d, torch.zeros_like(d)) for d in ray)
+    assert all(torch.equal(state[k], old[k]) for state, old in zip(states, before) for k in state)
+
+    direction.probe(group, states, grads, ray, steps, torch.zeros(()), paper)
+    (b1, b2), mu = group["betas"], group["momentum"]
+    for d, g, old in zip(ray, grads, before):
+        v = b2 * old["exp_avg_sq"] + (1 - b2) * g * g if "exp_avg_sq" in old else None
+        rms = (v / (1 - b2 ** 2)).sqrt() + group["eps"] if v is not None else None
+        if name == "adam" and paper:
+            expected = (b1 * old["exp_avg"] + (1 - b1) * g) / (1 - b1 ** 2) / rms
+        elif name == "momentum" and paper:
+            expected = mu * old["momentum_buffer"] + g
+        else:
+            expected = g / rms if rms is not None else g
+        torch.testing.assert_close(d, expected, rtol=1e-14, atol=1e-15)
 
 
 def test_the_workspace_keeps_cpu_temporaries_for_the_same_shapes_only() -> None:
