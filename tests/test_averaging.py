@@ -17,6 +17,7 @@ from lightning_helpers import BatchNormNet, RegressionNet, classification_data, 
 from lightning_qlab.averaged_model import HostCountedAverage
 from lightning_qlab.averaging import DEFAULT_ETA, PolynomialAveraging, polynomial_decay_multi_avg_fn
 from lightning_qlab.mixin import QLABConfig
+from read_helpers import counted_reads, cuda_synchronisations
 
 
 def reference_average(iterates: list[torch.Tensor], eta: float) -> torch.Tensor:
@@ -97,7 +98,6 @@ def test_the_host_counted_average_equals_torchs_and_reads_the_device_once(monkey
     update (on a GPU, two synchronisations every step). It reads the count once, at the first
     update and again after a load, and otherwise agrees with torch's (its weight is a Python
     float rather than a float32 tensor)."""
-    from test_optimizer_reads import counted_reads
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8))
@@ -126,7 +126,6 @@ def test_the_host_counted_average_equals_torchs_and_reads_the_device_once(monkey
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="counts CUDA synchronisations: needs a GPU")
 def test_on_cuda_the_average_updates_without_synchronising():
-    from test_optimizer_reads import cuda_synchronisations
 
     net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8)).cuda()
     average = HostCountedAverage(net, multi_avg_fn=polynomial_decay_multi_avg_fn(), use_buffers=True)
