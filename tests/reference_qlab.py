@@ -25,6 +25,14 @@ momentum and adam directions. The held step after a probe (the first probe's war
     a = s                  at the first probe after the warm start
     a = max(a, s)          otherwise
 
+and the step taken until the next probe leans towards a relative update of ``relative_update``:
+with ``(a', |dw'|, |w'|)`` the size, displacement and start of the last probing step's move,
+
+    r = relative_update * a' * |w'| / |dw'|
+    step = min(max(r, a / 2), 2 a, max(edge / 2 * s, a))
+                                     (step = a before the first measured move, or when |dw'| or |w'|
+                                     is 0; after a non-finite trial loss, at most a)
+
 Usage::
 
     ref = ReferenceQLAB(groups=[Group(0, 6, weight_decay=0.1), Group(6, 9)], initial_step=1e-3)
@@ -47,6 +55,7 @@ WARM_START_TOLERANCE = 1.25  # the first step's search stops when the fit is wit
 RESOLVED_CURVATURE_EPS = 32.0  # the warm start trusts A beta^2 above 32 epsilons of the loss
 PROBE_EVERY = 8  # safeguarded mode's default probing interval
 ESTIMATE_MEMORY = 0.9  # the weight of the past in the running mean of log a*
+RELATIVE_UPDATE = 5e-3  # the relative update per step the step taken leans towards
 
 EVENT_NAMES = (
     "negative_curvature",
@@ -146,6 +155,7 @@ class ReferenceQLAB:
         mode: str = "safeguarded",
         probe_every: int = PROBE_EVERY,
         max_probe_interval: Optional[int] = None,
+        relative_update: Optional[float] = RELATIVE_UPDATE,
         loss_eps: float = torch.finfo(torch.float64).eps,
     ) -> None:
         """``loss_eps``: the machine epsilon of the dtype the losses are computed in."""
@@ -159,6 +169,9 @@ class ReferenceQLAB:
         self.next_probe = 1
         self.probed: list[int] = []  # the steps that probed (or tried to: skipped probes included)
         self.trial_distance = float(initial_step)  # also the held step in safeguarded mode
+        self.relative_update = relative_update
+        self.step_size = float(initial_step)  # the step taken between probes
+        self.measured: Optional[tuple[float, float, float]] = None  # (a', |dw'|, |w'|)
         self.log_sum = 0.0  # the running mean of log a*: its sum and its bias correction
         self.weight = 0.0
         self.steps = 0
@@ -211,6 +224,14 @@ class ReferenceQLAB:
         return 2.0
 
     # -------------------------------------------------------------------- the step
+    def toward_relative_update(self, held: float, ceiling: float) -> float:
+        if self.relative_update is None or self.measured is None:
+            return held
+        a, moved, norm = self.measured
+        if moved == 0.0 or norm == 0.0:  # nothing measured to lean towards
+            return held
+        return min(max(self.relative_update * a * norm / moved, held / 2), 2 * held, max(ceiling, held))
+
     def skip(self, event: str) -> None:
         self.events[event] += 1
         self.last = ReferenceStep(self.steps, 0.0, self.trial_distance, math.nan, event, 0)
@@ -233,7 +254,7 @@ class ReferenceQLAB:
         finite = bool(torch.isfinite(grad).all()) and math.isfinite(grad_sq)
         if self.warm_started and self.steps < self.next_probe:
             # A step that does not probe: only a non-finite gradient skips it.
-            a = self.trial_distance
+            a = self.step_size
             self.last = ReferenceStep(self.steps, a, math.nan, math.nan, None, 0)
             if not finite:
                 self.events["nonfinite_gradient"] += 1
@@ -304,9 +325,11 @@ class ReferenceQLAB:
         event = decision.event
         if self.mode == "paper" or not self.warm_started:
             a, self.trial_distance = decision.step_size, decision.next_trial_distance
+            self.step_size = self.trial_distance
             self.warm_started = True
         elif decision.event == "nonfinite_trial":
             a, self.trial_distance = 0.0, decision.next_trial_distance  # halve, estimate afresh
+            self.step_size = self.toward_relative_update(self.trial_distance, ceiling=self.trial_distance)
             self.log_sum = self.weight = 0.0
             self.interval = self.probe_every
         else:
@@ -323,9 +346,13 @@ class ReferenceQLAB:
                 held = smoothed if first else max(held, smoothed)
             agrees = event is None and beta / 2 <= decision.step_size <= 2 * beta
             self.interval = min(2 * self.interval, self.longest) if agrees else self.probe_every
-            a = self.trial_distance = held
+            self.trial_distance = held
+            a = self.step_size = self.toward_relative_update(held, ceiling=max(self.edge() / 2, 1.0) * smoothed)
         self.next_probe = self.steps + self.interval
         if decision.event is not None:
             self.events[decision.event] += 1
         self.last = ReferenceStep(self.steps, a, beta, decision.curvature, event, probes)
-        return self.move(w, u, a)
+        new_w = self.move(w, u, a)
+        if a > 0.0 and self.mode == "safeguarded" and self.relative_update is not None:
+            self.measured = (a, float(torch.linalg.norm(new_w - w)), float(torch.linalg.norm(w)))
+        return new_w

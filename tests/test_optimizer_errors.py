@@ -79,6 +79,9 @@ def test_unknown_mode() -> None:
         (dict(eps=0.0), "eps must be positive"),
         (dict(weight_decay=-0.01), "weight_decay must be non-negative"),
         (dict(weight_decay=math.nan), "weight_decay must be non-negative"),
+        (dict(relative_update=0.0), r"relative_update must be None \(the fitted step alone\) or a positive number"),
+        (dict(relative_update=math.inf), "relative_update must be None .*got inf"),
+        (dict(relative_update="5e-3"), "relative_update must be None .*got '5e-3'"),
         (dict(max_probe_interval=4), r"max_probe_interval must be None .* >= probe_every \(8\), got 4"),
         (dict(probe_every=16, max_probe_interval=8), r">= probe_every \(16\), got 8"),
         (dict(max_probe_interval=64.0), "max_probe_interval must be None .*got 64.0"),
@@ -307,6 +310,16 @@ def test_loading_a_checkpoint_of_another_direction() -> None:
     expected = r"direction='adam' but this optimizer uses direction='momentum'.*same direction"
     with pytest.raises(ValueError, match=expected):
         opt.load_state_dict(adam_qlab.state_dict())
+
+
+def test_loading_a_checkpoint_of_another_relative_update() -> None:
+    model, loss_fn = tiny_problem()
+    default = QLAB(model.parameters())
+    take_steps(model, default, loss_fn, 9)
+    opt = QLAB(model.parameters(), relative_update=None)
+    expected = r"relative_update=0.005 but this optimizer uses relative_update=None.*same relative_update"
+    with pytest.raises(ValueError, match=expected):
+        opt.load_state_dict(default.state_dict())
 
 
 def test_collapsed_trial_distance_is_a_clear_error() -> None:

@@ -16,7 +16,8 @@ from torch import Tensor
 
 from lightning_qlab._workspace import Workspace
 from lightning_qlab.directions import DIRECTIONS
-from lightning_qlab.optimizer import GROWTH_LIMIT, QLAB, StepEstimate, StepSolution, next_held_step, solve_step_size
+from lightning_qlab.optimizer import (GROWTH_LIMIT, QLAB, RELATIVE_UPDATE, StepEstimate, StepSolution, next_held_step,
+                                      solve_step_size, step_toward_relative_update)
 
 DIM = (5, 3)  # the parameter vector is split into two tensors, in two groups
 GROUP_OPTIONS = [
@@ -126,33 +127,39 @@ EDGES = {"sgd": 2.0, "rmsprop": 2.0, "momentum": 2.0 * (1 + 0.5), "adam": 2.0 * 
 def test_safeguarded_mode_fits_exactly_and_holds_the_step(direction: str) -> None:
     """The first step (warm start) is the exact line-search step from any initial step; every
     later probe fits the exact minimiser along d (capped at GROWTH_LIMIT times the probed
-    distance); the held step follows next_held_step from those minimisers, and the steps between
-    probes move by exactly -a u with the held a."""
+    distance); the held step follows next_held_step from those minimisers, the step taken leans
+    from it towards RELATIVE_UPDATE as measured on the last probing step's move, and the steps
+    between probes move by exactly -a u with that a."""
     hessian, k, w0 = random_quadratic([1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 50.0, 100.0], seed=5)
-    held, estimate = None, StepEstimate()
-    probes = 0
+    held, taken, measured, estimate = None, None, None, StepEstimate()
+    probes = leaned = 0
     edge = EDGES[direction]
-    for step, (_, grad, d, _, a, last) in enumerate(
+    for step, (w, grad, d, u, a, last) in enumerate(
             quadratic_steps(hessian, k, w0, direction, "safeguarded", 1e-7, steps=25, probe_every=4)):
         exact = ((grad @ d) / (d @ hessian @ d)).item()
         if step == 0:
             assert last.probes == 2  # 1e-7 -> exact minimiser -> confirmed there
             assert a == pytest.approx(exact, rel=1e-10, abs=0.0)
-            held = a
+            held = taken = a
+            measured = (a, (a * u).square().sum().item(), w.square().sum().item())
             continue
-        if step % 4:  # no probe: the held step, nothing measured
+        if step % 4:  # no probe: the step taken at the last probe, nothing measured
             assert last.probes == 0 and math.isnan(last.curvature)
-            assert a == held
+            assert a == taken
             continue
         probes += 1
-        assert last.trial_distance == held
+        assert last.trial_distance == pytest.approx(held, rel=1e-10, abs=0.0)
+        held = last.trial_distance
         assert last.curvature == pytest.approx((d @ hessian @ d).item() / 2, rel=1e-8)
         fitted = min(exact, GROWTH_LIMIT * held)
-        expected, estimate, _ = next_held_step(held, estimate, _exact_solution(fitted, held), edge)
-        assert a == pytest.approx(expected, rel=1e-10, abs=0.0)
-        assert a <= edge / 2 * estimate.value * (1 + 1e-10)
-        held = a
-    assert probes == 6
+        held, estimate, _ = next_held_step(held, estimate, _exact_solution(fitted, held), edge)
+        assert held <= edge / 2 * estimate.value * (1 + 1e-10)
+        taken = step_toward_relative_update(held, RELATIVE_UPDATE, measured)
+        assert a == pytest.approx(taken, rel=1e-8, abs=0.0)
+        leaned += taken != held
+        taken = a
+        measured = (a, (a * u).square().sum().item(), w.square().sum().item())
+    assert probes == 6 and leaned > 0
 
 
 def _exact_solution(fitted: float, beta: float) -> StepSolution:

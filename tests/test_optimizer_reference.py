@@ -26,6 +26,7 @@ from reference_qlab import (
     PROBE_EVERY,
     WARM_START_TOLERANCE,
     MAX_WARM_START_PROBES,
+    RELATIVE_UPDATE,
     RESOLVED_CURVATURE_EPS,
     Group,
     ReferenceQLAB,
@@ -230,7 +231,8 @@ EXPECTED_FOR_DIRECTION = {
 
 
 def run_fast_and_reference(problem: Problem, direction: str, mode: str, probe_every: int = 3,
-                           max_probe_interval: Optional[int] = None):
+                           max_probe_interval: Optional[int] = None,
+                           relative_update: Optional[float] = RELATIVE_UPDATE):
     """Run QLAB and the reference side by side; after every step compare everything observable.
 
     Returns the reference (for the branch checks) and the largest relative parameter error seen.
@@ -247,13 +249,14 @@ def run_fast_and_reference(problem: Problem, direction: str, mode: str, probe_ev
         mode=mode,
         probe_every=1 if mode == "paper" else probe_every,
         max_probe_interval=max_probe_interval,
+        relative_update=relative_update,
     )
     groups, start = [], 0
     for indices, options in problem.groups:
         size = sum(problem.initial[i].numel() for i in indices)
         groups.append(Group(start, start + size, **options))
         start += size
-    ref = ReferenceQLAB(groups, initial_step, direction, mode, probe_every, max_probe_interval)
+    ref = ReferenceQLAB(groups, initial_step, direction, mode, probe_every, max_probe_interval, relative_update)
 
     def unflatten(w: Tensor) -> list[Tensor]:
         out: list[Tensor] = [torch.empty(0)] * len(problem.initial)
@@ -293,6 +296,7 @@ def run_fast_and_reference(problem: Problem, direction: str, mode: str, probe_ev
         opt.state_dict()  # counts the steps skipped on the device since the last probe
         assert opt.events == ref.events
         assert opt.trial_distance == pytest.approx(ref.trial_distance, rel=1e-10, abs=0.0)
+        assert opt.step_size == pytest.approx(ref.step_size, rel=1e-10, abs=0.0)
     return ref, worst
 
 
@@ -300,12 +304,14 @@ def run_fast_and_reference(problem: Problem, direction: str, mode: str, probe_ev
 @pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("problem_name", sorted(PROBLEMS))
 def test_fast_optimizer_agrees_with_reference(problem_name: str, direction: str, mode: str) -> None:
-    """Probing every step drives each problem through its branches; probing every third step,
-    and on the default interval, compares the held steps between probes too."""
+    """Probing every step drives each problem through its branches (with the fitted step alone,
+    the rule the problems are built for); probing every third step, and on the default interval,
+    compares the held steps between probes too, and the steps taken towards the relative update."""
     if mode == "safeguarded":
+        run_fast_and_reference(PROBLEMS[problem_name](), direction, mode, probe_every=1)
         run_fast_and_reference(PROBLEMS[problem_name](), direction, mode, probe_every=3)
         run_fast_and_reference(PROBLEMS[problem_name](), direction, mode, probe_every=PROBE_EVERY)
-    ref, _ = run_fast_and_reference(PROBLEMS[problem_name](), direction, mode, probe_every=1)
+    ref, _ = run_fast_and_reference(PROBLEMS[problem_name](), direction, mode, probe_every=1, relative_update=None)
     taken = {name for name, count in ref.events.items() if count} | set(ref.warm_start_moves)
     expected = set(EXPECTED_BRANCHES[(problem_name, mode)])
     expected |= EXPECTED_FOR_DIRECTION.get((problem_name, mode, direction), set())
@@ -379,4 +385,5 @@ def test_reference_constants_and_event_names_match_the_optimizer() -> None:
     assert PROBE_EVERY == qlab_module.PROBE_EVERY
     assert WARM_START_TOLERANCE == qlab_module.WARM_START_TOLERANCE
     assert ESTIMATE_MEMORY == qlab_module.ESTIMATE_MEMORY
+    assert RELATIVE_UPDATE == qlab_module.RELATIVE_UPDATE
     assert set(EVENT_NAMES) == set(EVENTS)
