@@ -194,7 +194,7 @@ def test_print_config_shows_every_qlab_setting(capsys):
     assert model["init_args"]["qlab_config"] == {
         "direction": "adam", "mode": "safeguarded", "initial_step": 0.001, "weight_decay": 0.0,
         "probe_every": None, "max_probe_interval": None, "momentum": 0.9, "betas": [0.9, 0.999], "eps": 1e-8,
-        "accumulate_batches": 1,
+        "relative_update": 0.005, "accumulate_batches": 1,
         "gradient_clip_norm": None, "gradient_clip_value": None, "weight_averaging": True,
     }
     assert model["init_args"]["optimizer"] is None
