@@ -1,6 +1,6 @@
 """The directions QLAB fits and steps along, one small class each, in one table.
 
-Every direction keeps its per-parameter state (moment buffers) and answers three questions:
+Every direction keeps its per-parameter state (moment buffers) and answers four questions:
 
 * ``probe``: write the ray ``d`` the parabola is fitted along into a zeroed workspace, updating
   the moments ``d`` is made of. In ``"safeguarded"`` mode ``d`` is a descent direction for the
