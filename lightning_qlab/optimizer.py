@@ -746,10 +746,10 @@ class QLAB(Optimizer):
         origin = self._workspace.like("origin", params)
         _compat.foreach_copy_(origin, params)
         _compat.foreach_add_(params, ray, -beta)
-        move_squares = [None, None] if self._unread_move is None else list(self._unread_move[1])
+        last_move = [None, None] if self._unread_move is None else list(self._unread_move[1])  # on the device
         c, trial, gd, squared, unread, *move_squares = self._read(
             loss, trial_loss_fn, reduce_losses, params, origin, beta,
-            [g_dot_d, grad_sq, self._unread_skips, *move_squares])
+            [g_dot_d, grad_sq, self._unread_skips, *last_move])
         self._count_unread_skips(unread)
         self._count_unread_move(move_squares)
         if math.isfinite(squared) and squared > 0.0 and (reduce_losses is not None or math.isfinite(c)):
