@@ -43,7 +43,7 @@ import json
 import math
 import sys
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -62,6 +62,7 @@ __all__ = [
     "StepSolution",
     "StepEstimate",
     "solve_step_size",
+    "edge_bound",
     "next_held_step",
     "next_probe_interval",
     "step_toward_relative_update",
@@ -295,6 +296,12 @@ class StepEstimate:
         return math.exp(self.log_sum / self.weight) if self.weight > 0 else math.nan
 
 
+def edge_bound(edge: float, estimate: StepEstimate) -> float:
+    """Half the stability edge (``edge`` fitted minimisers, at least one), in step size: the
+    bound of the held step, and of the step taken (:func:`step_toward_relative_update`)."""
+    return max(edge / 2, 1.0) * estimate.value
+
+
 def next_held_step(held: float, estimate: StepEstimate, solution: StepSolution, edge: float
                    ) -> tuple[float, StepEstimate, Optional[str]]:
     """The step to hold until the next probe, from the probe that gave ``solution``.
@@ -327,7 +334,7 @@ def next_held_step(held: float, estimate: StepEstimate, solution: StepSolution, 
     first = estimate.weight == 0.0
     estimate = estimate.add(solution.step_size)
     smoothed = estimate.value
-    bound = max(edge / 2, 1.0) * smoothed
+    bound = edge_bound(edge, estimate)
     if held > bound:
         return bound, estimate, "stability_edge"
     # The first estimate replaces the step held so far (the warm start's, fitted along the first
@@ -698,12 +705,10 @@ class QLAB(Optimizer):
         found_inf = (~torch.isfinite(layout.total(squared_norms(grads)))).to(torch.float32)
         step_size = self.step_size
         direction = _DIRECTION_TABLE[self.direction]
-        for group, start, end in groups:
-            for chunk in _by_device_and_dtype(params[start:end]):
-                subset = [states[start + i] for i in chunk]
-                direction.fused_step(group, [params[start + i] for i in chunk], [grads[start + i] for i in chunk],
-                                     subset, step_size, found_inf.to(params[start + chunk[0]].device),
-                                     [state["step"] for state in subset])
+        for group, index in _kernel_chunks(groups, params):
+            subset = [states[i] for i in index]
+            direction.fused_step(group, [params[i] for i in index], [grads[i] for i in index], subset, step_size,
+                                 found_inf.to(params[index[0]].device), [state["step"] for state in subset])
         self._unread_skips = found_inf if self._unread_skips is None else self._unread_skips + found_inf
         self._record(step_size, math.nan, math.nan, math.nan, math.nan, math.nan, None, 0)
         return loss
@@ -724,11 +729,9 @@ class QLAB(Optimizer):
         found_inf = (~keep).to(torch.float32)
         ray = self._workspace.like("ray", params)  # d, written by the direction's kernels
         _compat.foreach_zero_(ray)
-        for group, start, end in groups:
-            for chunk in _by_device_and_dtype(params[start:end]):
-                index = [start + i for i in chunk]
-                direction.probe(group, [states[i] for i in index], [grads[i] for i in index], [ray[i] for i in index],
-                                [states[i]["step"] for i in index], found_inf.to(params[index[0]].device), paper)
+        for group, index in _kernel_chunks(groups, params):
+            direction.probe(group, [states[i] for i in index], [grads[i] for i in index], [ray[i] for i in index],
+                            [states[i]["step"] for i in index], found_inf.to(params[index[0]].device), paper)
         g_dot_d = layout.total(dots(grads, ray))
         beta = self.trial_distance
         if beta * beta < sys.float_info.min:
@@ -796,8 +799,8 @@ class QLAB(Optimizer):
             self.probe_interval = next_probe_interval(
                 self.probe_interval, (self.probe_every, self.max_probe_interval), beta, solution, edge_event)
             self.trial_distance = held
-            # The held step's own bound, half the stability edge (none to lean to after a fresh estimate)
-            ceiling = max(self._stability_edge() / 2, 1.0) * self.estimate.value if self.estimate.weight else held
+            # After a fresh estimate (a non-finite trial) there is no bound to lean up to.
+            ceiling = edge_bound(self._stability_edge(), self.estimate) if self.estimate.weight else held
             self.step_size = step_toward_relative_update(held, self.relative_update, self._measured, ceiling)
             step_size = 0.0 if solution.event == "nonfinite_trial" else self.step_size
         self.next_probe = self.steps + self.probe_interval
@@ -956,12 +959,15 @@ class QLAB(Optimizer):
         self.last_step = QLABStep(self.steps, step_size, beta, curvature, loss, trial_loss, slope, event, probes)
 
 
-def _by_device_and_dtype(tensors: list[Tensor]) -> list[list[int]]:
-    """Indices of ``tensors`` grouped by device and dtype, as the fused kernels want them."""
-    chunks: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for index, tensor in enumerate(tensors):
-        chunks.setdefault((tensor.device, tensor.dtype), []).append(index)
-    return list(chunks.values())
+def _kernel_chunks(groups: list[tuple[dict, int, int]], params: list[Tensor]) -> Iterator[tuple[dict, list[int]]]:
+    """Each group's parameters by device and dtype, as the fused kernels take them: the group and
+    the indices into ``params``."""
+    for group, start, end in groups:
+        chunks: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for index in range(start, end):
+            chunks.setdefault((params[index].device, params[index].dtype), []).append(index)
+        for indices in chunks.values():
+            yield group, indices
 
 
 def _warm_start(
