@@ -198,7 +198,11 @@ class QLABLightningCLI(LightningCLI):
         words = sys.argv[1:] if args is None else list(args) if isinstance(args, (list, tuple)) else []
         for path in _config_files(words):
             _check_yaml(path, parser.prog, _subcommand(words))
-        super().parse_arguments(parser, args)
+        spelled = null_settings_as_mappings(words)
+        if spelled != words:  # parsed here: LightningCLI warns when given args beside sys.argv
+            self.config = parser.parse_args(spelled)
+        else:
+            super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         if subcommand:
             # LightningCLI reads the checkpoint's hyperparameters next: a bad file must fail here first.
@@ -341,6 +345,38 @@ def _config_files(words: list[str]) -> list[Path]:
         if value is not None and Path(value).is_file():
             files.append(Path(value))
     return files
+
+
+# A QLABConfig setting set to null on the command line; jsonargparse 4.x, in subclass mode, reads
+# ``--model.init_args.qlab_config.relative_update null`` as the string 'None' and drops the rest of
+# the YAML's qlab_config, while the one-key mapping ``{relative_update: null}`` merges as it should.
+_SETTING = re.compile(r"^(--\S*qlab_config)\.([A-Za-z_]\w*)$")
+_NULLS = ("null", "Null", "NULL", "None", "none", "~")
+
+
+def null_settings_as_mappings(words: list[str]) -> list[str]:
+    """The command line with each ``--....qlab_config.<setting> null`` (or ``=null``) spelled as
+    ``--....qlab_config {<setting>: null}``, the form that keeps the configuration's other settings.
+
+    Example:
+        >>> null_settings_as_mappings(["fit", "--model.init_args.qlab_config.relative_update", "null",
+        ...                            "--model.qlab_config.probe_every=None", "--trainer.max_steps", "null"])
+        ['fit', '--model.init_args.qlab_config', '{relative_update: null}', '--model.qlab_config', '{probe_every: null}', '--trainer.max_steps', 'null']
+    """
+    spelled: list[str] = []
+    index = 0
+    while index < len(words):
+        key, equals, value = words[index].partition("=")
+        if not equals:
+            value = words[index + 1] if index + 1 < len(words) else ""
+        setting = _SETTING.match(key)
+        if setting and value in _NULLS:
+            spelled += [setting[1], f"{{{setting[2]}: null}}"]
+            index += 1 if equals else 2
+        else:
+            spelled.append(words[index])
+            index += 1
+    return spelled
 
 
 def _subcommand(words: list[str]) -> str:

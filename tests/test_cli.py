@@ -201,6 +201,18 @@ def test_print_config_shows_every_qlab_setting(capsys):
     assert printed["data"]["class_path"] == "lightning_qlab.data.MNISTDataModule"
 
 
+def test_a_qlab_setting_set_to_null_on_the_command_line_keeps_the_other_settings():
+    # Through the command as users run it: the override must turn the lean off and leave the
+    # config file's direction and initial step in place.
+    result = run_command("fit", "--config", config("mnist_mlp.yaml"),
+                         "--model.init_args.qlab_config.relative_update", "null",
+                         "--model.qlab_config.gradient_clip_norm=None", "--print_config")
+    assert result.returncode == 0, result.stderr
+    settings = yaml.safe_load(result.stdout)["model"]["init_args"]["qlab_config"]
+    assert settings["relative_update"] is None and settings["gradient_clip_norm"] is None
+    assert (settings["direction"], settings["initial_step"], settings["weight_averaging"]) == ("adam", 0.001, True)
+
+
 def test_models_and_datamodules_selectable_by_name_on_the_command_line(capsys):
     printed = printed_config(
         capsys, "--model", "ImageClassifier", "--model.backbone", "SmallCNN", "--model.backbone.in_channels", "1",
