@@ -82,8 +82,9 @@ class QLABConfig:
         momentum: heavy-ball coefficient of the momentum direction, passed to QLAB.
         betas: moment decay rates of the adam direction (rmsprop uses ``betas[1]``), passed to QLAB.
         eps: the denominator term of the adam and rmsprop directions, passed to QLAB.
-        relative_update: the relative update per step that the step taken leans towards, within
-            a factor 2 of the fitted step (``None``: the fitted step alone), passed to QLAB.
+        relative_update: the move per step, relative to the initial weights' norm, that the step
+            taken leans towards, within a factor 2 of the fitted step (``None``: the fitted step
+            alone), passed to QLAB.
         accumulate_batches: ``k``, the number of micro-batches (training batches) per optimizer
             step. The step uses the mean loss and mean gradient over the k micro-batches and the
             trial forward evaluates the same k micro-batches, so they are kept (by reference)

@@ -25,12 +25,13 @@ momentum and adam directions. The held step after a probe (the first probe's war
     a = s                  at the first probe after the warm start
     a = max(a, s)          otherwise
 
-and the step taken until the next probe leans towards a relative update of ``relative_update``:
-with ``(a', |dw'|, |w'|)`` the size, displacement and start of the last probing step's move,
+and the step taken until the next probe leans towards a relative update of ``relative_update``
+of the initial weights: with ``(a', |dw'|)`` the size and displacement of the last probing step's
+move and ``|w_0|`` the weights' norm at the first measured move (the first non-zero one),
 
-    r = relative_update * a' * |w'| / |dw'|
+    r = relative_update * a' * |w_0| / |dw'|
     step = min(max(r, a / 2), 2 a, max(edge / 2 * s, a))
-                                     (step = a before the first measured move, or when |dw'| or |w'|
+                                     (step = a before the first measured move, or when |dw'| or |w_0|
                                      is 0; after a non-finite trial loss, at most a)
 
 Usage::
@@ -171,7 +172,7 @@ class ReferenceQLAB:
         self.trial_distance = float(initial_step)  # also the held step in safeguarded mode
         self.relative_update = relative_update
         self.step_size = float(initial_step)  # the step taken between probes
-        self.measured: Optional[tuple[float, float, float]] = None  # (a', |dw'|, |w'|)
+        self.measured: Optional[tuple[float, float, float]] = None  # (a', |dw'|, |w_0|)
         self.log_sum = 0.0  # the running mean of log a*: its sum and its bias correction
         self.weight = 0.0
         self.steps = 0
@@ -354,5 +355,7 @@ class ReferenceQLAB:
         self.last = ReferenceStep(self.steps, a, beta, decision.curvature, event, probes)
         new_w = self.move(w, u, a)
         if a > 0.0 and self.mode == "safeguarded" and self.relative_update is not None:
-            self.measured = (a, float(torch.linalg.norm(new_w - w)), float(torch.linalg.norm(w)))
+            initial = self.measured[2] if self.measured is not None and self.measured[2] > 0.0 else None
+            self.measured = (a, float(torch.linalg.norm(new_w - w)),
+                             float(torch.linalg.norm(w)) if initial is None else initial)
         return new_w

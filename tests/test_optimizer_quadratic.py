@@ -128,7 +128,8 @@ def test_safeguarded_mode_fits_exactly_and_holds_the_step(direction: str) -> Non
     """The first step (warm start) is the exact line-search step from any initial step; every
     later probe fits the exact minimiser along d (capped at GROWTH_LIMIT times the probed
     distance); the held step follows next_held_step from those minimisers, the step taken leans
-    from it towards RELATIVE_UPDATE as measured on the last probing step's move, and the steps
+    from it towards RELATIVE_UPDATE of the initial weights' norm as measured on the last probing
+    step's move, and the steps
     between probes move by exactly -a u with that a."""
     hessian, k, w0 = random_quadratic([1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 50.0, 100.0], seed=5)
     held, taken, measured, estimate = None, None, None, StepEstimate()
@@ -158,7 +159,7 @@ def test_safeguarded_mode_fits_exactly_and_holds_the_step(direction: str) -> Non
         assert a == pytest.approx(taken, rel=1e-8, abs=0.0)
         leaned += taken != held
         taken = a
-        measured = (a, (a * u).square().sum().item(), w.square().sum().item())
+        measured = (a, (a * u).square().sum().item(), measured[2])  # |w_0|^2: the first step's
     assert probes == 6 and leaned > 0
 
 

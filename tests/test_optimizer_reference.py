@@ -351,6 +351,21 @@ def test_a_lengthening_schedule_probes_where_the_reference_does(direction: str) 
     assert lengthened and reset, intervals
 
 
+@pytest.mark.parametrize("direction", ["adam", "rmsprop"])
+def test_weights_that_start_at_zero_lean_towards_the_first_nonzero_norm(direction: str) -> None:
+    """The lean's norm is the weights' norm when training began; weights that begin at zero give
+    none, so the next probing step's weights are measured instead, and that norm is kept."""
+    problem = shifting_quadratic_problem()
+    problem.initial = [torch.zeros_like(t) for t in problem.initial]
+    problem.steps = 40
+    ref, _ = run_fast_and_reference(problem, direction, "safeguarded", probe_every=3)
+    kept = ref.measured[2]
+    assert kept > 0.0
+    problem.steps = 80
+    longer, _ = run_fast_and_reference(problem, direction, "safeguarded", probe_every=3)
+    assert longer.measured[2] == kept
+
+
 def test_every_branch_is_exercised() -> None:
     """Together the problems cover every safeguard branch and every warm-start move."""
     covered = set().union(*EXPECTED_BRANCHES.values(), *EXPECTED_FOR_DIRECTION.values())
