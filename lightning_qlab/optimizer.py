@@ -26,11 +26,13 @@ to ``a*``. The default ``mode="safeguarded"`` fits the same parabola, but only e
   out by ``(1 + mu) / (1 - mu)`` (Adam's averaged momentum), so the held step may rise to 19
   fitted minimisers with Adam's ``beta1 = 0.9``, and stays at the fitted minimiser without
   momentum.
-* The step taken until the next probe leans from the held step towards a relative update of
-  :data:`RELATIVE_UPDATE` per step, ``|w_{t+1} - w_t| / |w_t|``, by at most :data:`GROWTH_LIMIT`
-  either way and never past half the stability edge (see :func:`step_toward_relative_update`):
-  where one mini-batch's parabola is short (a batch-normalised CNN) or long (an MLP on CIFAR-10)
-  for the whole run, the weights' own scale says so. The probes still fit at the held step.
+* The step taken until the next probe leans from the held step towards a move of
+  :data:`RELATIVE_UPDATE` of the initial weights' norm per step, ``|w_{t+1} - w_t| / |w_0|``, by
+  at most :data:`GROWTH_LIMIT` either way and never past half the stability edge (see
+  :func:`step_toward_relative_update`): where one mini-batch's parabola is short (a
+  batch-normalised CNN) or long (an MLP on CIFAR-10) for the whole run, the weights' own scale
+  says so (their initial scale: the current one grows with the steps and would lengthen them
+  without end). The probes still fit at the held step.
 
 This module has no Lightning import: it is usable in any PyTorch loop. The maths of the rule lives
 in :func:`solve_step_size`, :func:`next_held_step`, :func:`step_toward_relative_update` and
