@@ -847,16 +847,13 @@ class QLAB(Optimizer):
 
     def _count_unread_move(self, squares: Optional[Sequence[float]] = None) -> None:
         """Turn the measured move into host floats (``squares``: the two values of
-        ``_unread_move``, already read; the second is 0 where the weights were not measured)."""
+        ``_unread_move``, already read; the second counts only where the weights were measured)."""
         if self._unread_move is None:
             return
         step_size, moved, weights = self._unread_move
-        if squares is None:
-            squares = [float(moved), 0.0 if weights is None else float(weights)]
-        moved_sq, weights_sq = squares
-        if weights is None:  # the norm the weights started at, measured before
-            weights_sq = self._measured[2]
-        self._measured = (step_size, float(moved_sq), float(weights_sq))
+        moved_sq, weights_sq = squares if squares is not None else (moved, weights)
+        initial_sq = self._measured[2] if weights is None else float(weights_sq)  # else: kept from before
+        self._measured = (step_size, float(moved_sq), initial_sq)
         self._unread_move = None
 
     def _stability_edge(self) -> float:
