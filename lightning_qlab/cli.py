@@ -26,6 +26,7 @@ step and exits with status 143 (:class:`~lightning_qlab.preemption.Preemption`).
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import os
 import re
@@ -452,11 +453,14 @@ def leave_process_group() -> None:
 
     Lightning leaves it for the interpreter's exit, where gloo's threads can be destroyed while
     still joinable and abort the process (``terminate called without an active exception``)
-    after a run that succeeded. The barrier keeps a rank from leaving while another is still in
-    its last collective. The command calls it after its run; a script that runs ``Trainer.fit``
-    on several processes itself can call it at its end.
+    after a run that succeeded. The garbage collection first frees what the finished runs left in
+    reference cycles (trainers, strategies, sharded modules), which may hold the groups and their
+    pending work, so that destroying the groups here does end their threads. The barrier keeps a
+    rank from leaving while another is still in its last collective. The command calls it after
+    its run; a script that runs ``Trainer.fit`` on several processes itself can call it at its end.
     """
     if _in_process_group():
+        gc.collect()
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
