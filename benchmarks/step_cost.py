@@ -1,11 +1,14 @@
 """What does a QLAB step cost, trial forwards included? Time per training step against SGD and Adam.
 
-QLAB's default probes one step in ``PROBE_EVERY`` (8): that step adds a no-grad trial forward of the
-same batch, and the others are one fused AdamW-kernel step. This script times, per model, in a
+QLAB's default probes one step in ``PROBE_EVERY`` (8), or in twice as many after a probe that
+confirms the step: that step adds a no-grad trial forward of the same batch, and the others are one
+fused AdamW-kernel step. This script times, per model, in a
 plain PyTorch loop:
 
 * ``sgd``: zero_grad, forward, backward, ``torch.optim.SGD.step`` (torch's default kernel);
 * ``adam``: the same with ``torch.optim.Adam`` (what a tuned baseline or a peer built on Adam costs);
+* ``adamw_fused``: ``torch.optim.AdamW(fused=True)``, torch's fastest step that keeps Adam's two
+  moments: what any optimizer with Adam's state costs at least, QLAB's default direction included;
 * ``qlab``: the default ``QLAB()`` with :class:`lightning_qlab.TrialForward` recording every
   training forward and replaying it on the steps that probe, and ``qlab_avg``, the same plus the
   update of the polynomial-decay average of the weights that ``QLABMixin`` evaluates by default;
@@ -13,12 +16,12 @@ plain PyTorch loop:
 
 Each variant trains its own copy of the model on the same batch. The runs are interleaved (sgd,
 adam, qlab, ..., sgd, adam, qlab, ...) so that drifts of the machine hit all variants alike; each
-timing covers a block of ``--block`` steps after warm-up, a multiple of ``PROBE_EVERY`` so that every
-block holds the same share of probing steps (the cost averaged over a run), and the table reports
-medians per step and how many of QLAB's timed steps probed. The target: the default QLAB within
-1.10x an SGD step. ``--max-probe-interval 64 --block 64 --warmup 128`` times QLAB with a
-lengthening probe schedule instead; training on one batch its fits agree with the held step, so
-it stays at its longest interval (over a real run some probes disagree and come sooner).
+timing covers a block of ``--block`` steps after warm-up, a multiple of the longest probing
+interval (16 by default) so that every block holds about the same share of probing steps (the
+cost averaged over a run), and the table reports medians per step and how many of QLAB's timed
+steps probed (between 8 and 16: some fits disagree with the held step and bring the next probe
+sooner). The target: the default QLAB within 1.10x an SGD step.
+``--max-probe-interval 64 --block 64 --warmup 128`` times QLAB with a longer probe schedule.
 
 On the CPU the ratio also depends on where each variant's copy of the model happens to lie in
 memory: rebuilt copies of the same variants, timed the same way in one process, gave QLAB / SGD
@@ -50,7 +53,7 @@ from lightning_qlab import TrialForward
 from lightning_qlab.averaged_model import HostCountedAverage
 from lightning_qlab.averaging import polynomial_decay_multi_avg_fn
 from lightning_qlab.models import CausalTransformer, SmallCNN
-from lightning_qlab.optimizer import PROBE_EVERY
+from lightning_qlab.optimizer import PROBE_EVERY, PROBE_INTERVAL_GROWTH
 
 
 def mlp() -> nn.Module:
@@ -149,6 +152,7 @@ def make_steppers(model: nn.Module, batches: list[tuple[Tensor, Tensor]], max_pr
     return {
         "sgd": torch_stepper(contenders.sgd(0.01).build),
         "adam": torch_stepper(contenders.adam(1e-3).build),
+        "adamw_fused": torch_stepper(lambda params: torch.optim.AdamW(params, lr=1e-3, fused=True)),
         "qlab": qlab_stepper(contenders.qlab(max_probe_interval=max_probe_interval), record=probes is not None),
         "qlab_avg": qlab_stepper(contenders.qlab(max_probe_interval=max_probe_interval), averaged=True),
         "paper": qlab_stepper(contenders.qlab("sgd", "paper")),
@@ -183,18 +187,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (CPU)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--warmup", type=int, default=2 * PROBE_EVERY, help="steps per variant before timing")
+    parser.add_argument("--warmup", type=int, default=4 * PROBE_EVERY, help="steps per variant before timing")
     parser.add_argument("--repeats", type=int, default=8, help="timed blocks per variant")
-    parser.add_argument("--block", type=int, default=PROBE_EVERY,
-                        help=f"steps per timed block (a multiple of the probing interval, PROBE_EVERY = {PROBE_EVERY})")
+    parser.add_argument("--block", type=int, default=PROBE_INTERVAL_GROWTH * PROBE_EVERY,
+                        help="steps per timed block (a multiple of the longest probing interval, by default "
+                             f"{PROBE_INTERVAL_GROWTH * PROBE_EVERY})")
     parser.add_argument("--max-probe-interval", type=int,
-                        help="QLAB's max_probe_interval (default: None, one probe in PROBE_EVERY steps)")
+                        help="QLAB's max_probe_interval (default: None, QLAB's default)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="times to build every variant afresh (new model copies, new optimizers) and time it "
                              "again; the table gives the median over rounds and the range of QLAB / SGD")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated names or prefixes of MODELS")
     args = parser.parse_args()
-    longest = args.max_probe_interval or PROBE_EVERY
+    longest = args.max_probe_interval or PROBE_INTERVAL_GROWTH * PROBE_EVERY
     if args.block % longest:
         parser.error(f"--block must be a multiple of the longest probing interval ({longest}), so that every "
                      "block holds as many probes")
@@ -205,10 +210,11 @@ def main() -> None:
           f"QLAB with max_probe_interval={args.max_probe_interval}; "
           "medians per step\n")
     wanted = [name.strip() for name in args.models.split(",")]
-    print("| model | params | SGD ms | Adam ms | QLAB default ms | QLAB default + averaging ms | QLABGrad (paper) ms "
-          "| QLAB default / SGD | its range over rounds | QLAB default + averaging / SGD | QLAB default / Adam "
+    print("| model | params | SGD ms | Adam ms | fused AdamW ms | QLAB default ms | QLAB default + averaging ms "
+          "| QLABGrad (paper) ms | QLAB default / SGD | its range over rounds | fused AdamW / SGD "
+          "| QLAB default + averaging / SGD | QLAB default / Adam | QLAB default / fused AdamW "
           "| QLABGrad (paper) / SGD | QLAB: timed steps per probe |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, (build, make_batches) in MODELS.items():
         if not any(name.startswith(prefix) for prefix in wanted):
             continue
@@ -226,10 +232,12 @@ def main() -> None:
         spread = [r["qlab"] / r["sgd"] for r in rounds]
         n_params = sum(p.numel() for p in model.parameters())
         print(f"| {name} | {n_params / 1e6:.2f} M | {1e3 * med['sgd']:.2f} | {1e3 * med['adam']:.2f} | "
+              f"{1e3 * med['adamw_fused']:.2f} | "
               f"{1e3 * med['qlab']:.2f} | {1e3 * med['qlab_avg']:.2f} | {1e3 * med['paper']:.2f} | "
               f"{med['qlab'] / med['sgd']:.3f} | {min(spread):.3f}-{max(spread):.3f} | "
-              f"{med['qlab_avg'] / med['sgd']:.3f} | "
-              f"{med['qlab'] / med['adam']:.3f} | {med['paper'] / med['sgd']:.3f} | "
+              f"{med['adamw_fused'] / med['sgd']:.3f} | {med['qlab_avg'] / med['sgd']:.3f} | "
+              f"{med['qlab'] / med['adam']:.3f} | {med['qlab'] / med['adamw_fused']:.3f} | "
+              f"{med['paper'] / med['sgd']:.3f} | "
               f"{args.rounds * args.repeats * args.block / max(timed_probes, 1):.0f} |", flush=True)
 
 

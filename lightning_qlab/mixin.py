@@ -76,7 +76,8 @@ class QLABConfig:
         probe_every: fit the parabola on one step in this many (``None``: QLAB's default; paper
             mode probes every step), passed to QLAB.
         max_probe_interval: let the interval between probes double, up to this many steps, while
-            the fits agree with the held step (``None``: it stays ``probe_every``), passed to QLAB.
+            the fits agree with the held step (``None``: QLAB's default, twice its default
+            ``probe_every``, or a fixed interval where ``probe_every`` is set), passed to QLAB.
         initial_step: the first trial distance, passed to QLAB.
         weight_decay: decoupled weight decay, passed to QLAB.
         momentum: heavy-ball coefficient of the momentum direction, passed to QLAB.

@@ -13,10 +13,11 @@ On a mini-batch with loss ``c = L(w)``, gradient ``g`` and the probed direction 
     w <- w (1 - a lambda) - a u                 (lambda: the group's decoupled weight decay)
 
 Paper mode probes every step with beta = the previous step, steps to a = a*, and u = d.
-Safeguarded mode probes on step 1 and then every ``probe_every`` steps (with
-``max_probe_interval``: after twice the last interval, at most that many steps, when the probe's
-a* lay within a factor 2 of the held step and no event fired, or after ``probe_every`` again when
-not; a skipped probe probes again on the next step), holds the step
+Safeguarded mode probes on step 1 and then after twice the last interval, at most
+``max_probe_interval`` steps (by default twice PROBE_EVERY; ``probe_every``, a fixed interval, when
+only that is set), when the probe's a* lay within a
+factor 2 of the held step and no event fired, or after ``probe_every`` steps when not (a skipped
+probe probes again on the next step); it holds the step
 ``a`` in between (probed at beta = a), and steps along ``u``, which is the momentum for the
 momentum and adam directions. The held step after a probe (the first probe's warm start sets it):
 
@@ -55,6 +56,7 @@ MAX_WARM_START_PROBES = 80  # trial forwards the first step may spend finding th
 WARM_START_TOLERANCE = 1.25  # the first step's search stops when the fit is within 25% of the probe
 RESOLVED_CURVATURE_EPS = 32.0  # the warm start trusts A beta^2 above 32 epsilons of the loss
 PROBE_EVERY = 8  # safeguarded mode's default probing interval
+PROBE_INTERVAL_GROWTH = 2  # by default the interval may grow to twice probe_every
 ESTIMATE_MEMORY = 0.9  # the weight of the past in the running mean of log a*
 RELATIVE_UPDATE = 5e-3  # the relative update per step the step taken leans towards
 
@@ -154,7 +156,7 @@ class ReferenceQLAB:
         initial_step: float = 1e-3,
         direction: str = "sgd",
         mode: str = "safeguarded",
-        probe_every: int = PROBE_EVERY,
+        probe_every: Optional[int] = None,
         max_probe_interval: Optional[int] = None,
         relative_update: Optional[float] = RELATIVE_UPDATE,
         loss_eps: float = torch.finfo(torch.float64).eps,
@@ -164,8 +166,10 @@ class ReferenceQLAB:
         self.groups = groups
         self.direction = direction
         self.mode = mode
-        self.probe_every = 1 if mode == "paper" else probe_every
-        self.longest = max_probe_interval or self.probe_every  # the interval never passes it
+        self.probe_every = 1 if mode == "paper" else probe_every or PROBE_EVERY
+        # The interval never passes it; by default it may double once, a set interval stays fixed.
+        growth = PROBE_INTERVAL_GROWTH if mode != "paper" and probe_every is None else 1
+        self.longest = max_probe_interval or growth * self.probe_every
         self.interval = self.probe_every
         self.next_probe = 1
         self.probed: list[int] = []  # the steps that probed (or tried to: skipped probes included)

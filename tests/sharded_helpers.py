@@ -28,7 +28,7 @@ from lightning_qlab.optimizer import QLAB
 from lightning_qlab.sharding import ShardLayout, local
 
 RANKS = 2
-STEPS = 24  # three probing intervals of 8
+STEPS = 40  # three probes at least: steps 1 and 9, then 8 or 16 steps apart
 CHECKPOINT_AT = 11  # inside an interval: the held step and the moments must both come back
 BATCH = 16  # per rank; the single-process reference takes both ranks' batches at once
 # float64: the sharded sums add the same terms in another order (shard by shard, then across

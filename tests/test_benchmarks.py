@@ -134,15 +134,15 @@ def test_averaging_eta_tests_the_last_iterate_and_each_average(mnist_root: Path,
 
 def test_step_cost_times_every_variant_and_counts_the_probes() -> None:
     """A tiny timing run through the script's command line: one row per model, every ratio a
-    number, and the probes of the timed steps counted (one in 8: after a warm-up of 2, the timed
-    steps 3 ... 10 hold the probe of step 9)."""
+    number, and the probes of the timed steps counted (after a warm-up of 2, the timed steps
+    3 ... 18 hold the probe of step 9, and that of step 17 unless the fit at 9 confirmed the step)."""
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "step_cost.py"), "--models", "MLP", "--warmup", "2",
-         "--block", "8", "--repeats", "1"],
+         "--block", "16", "--repeats", "1"],
         capture_output=True, text=True, timeout=300, check=True,
     )
     rows = [line for line in result.stdout.splitlines() if line.startswith("| MLP")]
     assert len(rows) == 1, result.stdout
     cells = [cell.strip() for cell in rows[0].strip("|").split("|")]
-    assert all(float(cell) > 0 for cell in cells[2:8]), rows[0]
-    assert cells[-1] == "8", rows[0]
+    assert all(float(cell) > 0 for cell in cells[2:9] + cells[10:15]), rows[0]  # cells[9]: a range
+    assert cells[-1] in ("8", "16"), rows[0]

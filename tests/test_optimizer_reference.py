@@ -24,6 +24,7 @@ from reference_qlab import (
     EVENT_NAMES,
     GROWTH_LIMIT,
     PROBE_EVERY,
+    PROBE_INTERVAL_GROWTH,
     WARM_START_TOLERANCE,
     MAX_WARM_START_PROBES,
     RELATIVE_UPDATE,
@@ -230,7 +231,7 @@ EXPECTED_FOR_DIRECTION = {
 }
 
 
-def run_fast_and_reference(problem: Problem, direction: str, mode: str, probe_every: int = 3,
+def run_fast_and_reference(problem: Problem, direction: str, mode: str, probe_every: Optional[int] = 3,
                            max_probe_interval: Optional[int] = None,
                            relative_update: Optional[float] = RELATIVE_UPDATE):
     """Run QLAB and the reference side by side; after every step compare everything observable.
@@ -351,6 +352,17 @@ def test_a_lengthening_schedule_probes_where_the_reference_does(direction: str) 
     assert lengthened and reset, intervals
 
 
+def test_the_default_schedule_doubles_the_interval_once() -> None:
+    """By default a probe that confirms the step puts the next one 2 * PROBE_EVERY steps later,
+    never more, and one that does not brings it back to PROBE_EVERY; an interval set by the user
+    stays fixed."""
+    ref, _ = run_fast_and_reference(shifting_quadratic_problem(), "adam", "safeguarded", probe_every=None)
+    intervals = [later - earlier for earlier, later in zip(ref.probed, ref.probed[1:])]
+    assert set(intervals) == {PROBE_EVERY, PROBE_INTERVAL_GROWTH * PROBE_EVERY}, intervals
+    ref, _ = run_fast_and_reference(shifting_quadratic_problem(), "adam", "safeguarded", probe_every=PROBE_EVERY)
+    assert {later - earlier for earlier, later in zip(ref.probed, ref.probed[1:])} == {PROBE_EVERY}
+
+
 @pytest.mark.parametrize("direction", ["adam", "rmsprop"])
 def test_weights_that_start_at_zero_lean_towards_the_first_nonzero_norm(direction: str) -> None:
     """The lean's norm is the weights' norm when training began; weights that begin at zero give
@@ -398,6 +410,7 @@ def test_reference_constants_and_event_names_match_the_optimizer() -> None:
     assert MAX_WARM_START_PROBES == qlab_module.MAX_WARM_START_PROBES
     assert RESOLVED_CURVATURE_EPS == qlab_module.RESOLVED_CURVATURE_EPS
     assert PROBE_EVERY == qlab_module.PROBE_EVERY
+    assert PROBE_INTERVAL_GROWTH == qlab_module.PROBE_INTERVAL_GROWTH
     assert WARM_START_TOLERANCE == qlab_module.WARM_START_TOLERANCE
     assert ESTIMATE_MEMORY == qlab_module.ESTIMATE_MEMORY
     assert RELATIVE_UPDATE == qlab_module.RELATIVE_UPDATE

@@ -47,7 +47,7 @@ def test_clipping_by_norm_uses_the_norm_of_the_whole_gradient(results):
 
 
 def test_sharded_training_equals_one_process_on_the_global_batches(results):
-    """24 steps (3 probes, the warm start included) of the default QLAB on a model whose last layer's
+    """40 steps (3 probes or more, the warm start included) of the default QLAB on a model whose last layer's
     shard is empty on rank 1. float64, tolerance 1e-10: the sums add the same terms in another
     order, and the fitted step magnifies the last bits about 1e4-fold (see sharded_helpers.DTYPE)."""
     rank0, rank1 = _ranks(results, "train_sharded")
