@@ -128,8 +128,9 @@ PROBE_EVERY = 8
 
 # By default the interval may double once: after a probe whose fit agrees with the held step the
 # next comes 2 * PROBE_EVERY steps later, after one that does not PROBE_EVERY steps later
-# (next_probe_interval; an interval the user sets stays fixed unless max_probe_interval is set too). The probes that only confirm the step are the ones thinned, and on the
-# MLP of benchmarks/step_cost.py that takes a step from 1.34x to 1.23x an SGD step. Thinned to 64
+# (next_probe_interval; an interval the user sets stays fixed unless max_probe_interval is set
+# too). The probes that only confirm the step are the ones thinned, and on the MLP of
+# benchmarks/step_cost.py that takes a step from 1.35x to 1.26x an SGD step. Thinned to 64
 # steps they cost 0.4 points on the CIFAR-10 CNN over two seeds: the held step rises through the
 # maximum of its noisy estimate, so fewer probes hold it lower. Doubled once, every panel and
 # held-out task stayed within its seed spread (the README).
