@@ -75,9 +75,9 @@ class QLABMonitor(Callback):
         ``qlab/trial_distance``, ``qlab/curvature``, ``qlab/loss``, ``qlab/trial_loss``,
         ``qlab/probes`` and ``qlab/events/<name>``, the running count of each event. The fit
         (``trial_distance``, ``curvature``, ``loss``, ``trial_loss``) exists on the steps that
-        probe (the first, then one in ``probe_every`` or in twice as many): QLAB reads nothing from the device on the others. Values
-        that are not finite (those, or the curvature of a skipped step) are left out; the event
-        counts say why.
+        probe (the first, then one in ``probe_every`` or in twice as many): QLAB reads nothing
+        from the device on the others. Values that are not finite (those, or the curvature of a
+        skipped step) are left out; the event counts say why.
 
     Example::
 

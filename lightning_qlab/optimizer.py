@@ -241,8 +241,8 @@ def check_settings(
 ) -> tuple[int, int]:
     """Raise ``ValueError``/``TypeError`` naming ``owner`` for a setting QLAB cannot use; return
     the probing intervals these settings give, shortest and longest (1 and 1 in paper mode;
-    :data:`PROBE_EVERY` and :data:`PROBE_INTERVAL_GROWTH` times it by default; ``probe_every`` twice
-    when it is set and ``max_probe_interval`` is not).
+    :data:`PROBE_EVERY` and :data:`PROBE_INTERVAL_GROWTH` times it by default; ``probe_every``
+    twice, a fixed interval, when only that is set).
 
     The one place QLAB's arguments are checked: :class:`QLAB` and
     :class:`~lightning_qlab.mixin.QLABConfig` both call it with every argument (the defaults live
@@ -463,9 +463,9 @@ class QLAB(Optimizer):
     ``trial_loss_fn`` there (under ``torch.no_grad``), fits a parabola to the training loss, the
     slope ``-(g . d)`` and the trial loss, and takes the step. In ``"paper"`` mode every step
     probes and steps to the fitted minimiser, as QLABGrad is published. In ``"safeguarded"``
-    mode (default) the first step probes, then one step in ``probe_every`` (by default, or in twice
-    as many after a probe that confirms the step: ``max_probe_interval``); the others take a fused step of the size the last
-    probe set (the held step, leaning towards ``relative_update``) without calling
+    mode (default) the first step probes, then one step in ``probe_every`` (by default, or in
+    twice as many after a probe that confirms the step: ``max_probe_interval``); the others take
+    a fused step of the size the last probe set (the held step, leaning towards ``relative_update``) without calling
     ``trial_loss_fn`` and without reading anything from the device.
 
     Args:

@@ -14,10 +14,10 @@ On a mini-batch with loss ``c = L(w)``, gradient ``g`` and the probed direction 
 
 Paper mode probes every step with beta = the previous step, steps to a = a*, and u = d.
 Safeguarded mode probes on step 1 and then after twice the last interval, at most
-``max_probe_interval`` steps (by default twice PROBE_EVERY; ``probe_every``, a fixed interval, when
-only that is set), when the probe's a* lay within a
-factor 2 of the held step and no event fired, or after ``probe_every`` steps when not (a skipped
-probe probes again on the next step); it holds the step
+``max_probe_interval`` steps (by default twice PROBE_EVERY; ``probe_every``, a fixed interval,
+when only that is set), when the probe's a* lay within a factor 2 of the held step and no event
+fired, or after ``probe_every`` steps when not (a skipped probe probes again on the next step);
+it holds the step
 ``a`` in between (probed at beta = a), and steps along ``u``, which is the momentum for the
 momentum and adam directions. The held step after a probe (the first probe's warm start sets it):
 
