@@ -149,9 +149,10 @@ ESTIMATE_MEMORY = 0.9
 # sits 2.5x below that on the CNN and 2-3x above it on the MLP: the fit alone does not tell a short
 # step from a long one. The norm is the initial one because the weights grow with the steps taken:
 # a target relative to |w_t| lengthens the very steps that make the weights grow, and on MNIST it
-# ran the step to twice the held step and cost 0.14 points over 3 epochs, 0.53 over 10 (the README). Fromage (Bernstein et al.,
-# 2020) and Adafactor's relative step (Shazeer & Stern, 2018) set a relative update alone; here
-# the fit stays the authority within the factor one fit is trusted to extrapolate.
+# ran the step to twice the held step and cost 0.14 points over 3 epochs, 0.53 over 10 (the
+# README). Fromage (Bernstein et al., 2020) and Adafactor's relative step (Shazeer & Stern, 2018)
+# set a relative update alone; here the fit stays the authority within the factor one fit is
+# trusted to extrapolate.
 RELATIVE_UPDATE = 5e-3
 
 # Where QLAB.state_dict() keeps its own record (held step, estimate, counters): a JSON string in
@@ -242,7 +243,7 @@ def check_settings(
     """Raise ``ValueError``/``TypeError`` naming ``owner`` for a setting QLAB cannot use; return
     the probing intervals these settings give, shortest and longest (1 and 1 in paper mode;
     :data:`PROBE_EVERY` and :data:`PROBE_INTERVAL_GROWTH` times it by default; ``probe_every``
-    twice, a fixed interval, when only that is set).
+    for both, a fixed interval, when only that is set).
 
     The one place QLAB's arguments are checked: :class:`QLAB` and
     :class:`~lightning_qlab.mixin.QLABConfig` both call it with every argument (the defaults live
@@ -292,8 +293,9 @@ def check_settings(
         )
     if max_probe_interval is not None:
         return shortest, max_probe_interval
-    # The default schedule may double its interval once; an interval set by the user stays as set.
-    return shortest, PROBE_INTERVAL_GROWTH * shortest if mode != "paper" and probe_every is None else shortest
+    if mode == "paper" or probe_every is not None:  # an interval set by the user stays as set
+        return shortest, shortest
+    return shortest, PROBE_INTERVAL_GROWTH * PROBE_EVERY
 
 
 @dataclass(frozen=True)
@@ -465,8 +467,8 @@ class QLAB(Optimizer):
     probes and steps to the fitted minimiser, as QLABGrad is published. In ``"safeguarded"``
     mode (default) the first step probes, then one step in ``probe_every`` (by default, or in
     twice as many after a probe that confirms the step: ``max_probe_interval``); the others take
-    a fused step of the size the last probe set (the held step, leaning towards ``relative_update``) without calling
-    ``trial_loss_fn`` and without reading anything from the device.
+    a fused step of the size the last probe set (the held step, leaning towards
+    ``relative_update``) without calling ``trial_loss_fn`` and without reading anything from the device.
 
     Args:
         params: parameters or parameter groups, as for any torch optimizer.
