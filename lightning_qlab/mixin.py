@@ -55,7 +55,7 @@ from lightning_qlab._checks import check_loss, is_integer, is_number
 from lightning_qlab.accumulation import PendingStep, step_window
 from lightning_qlab.averaging import PolynomialAveraging
 from lightning_qlab.clipping import CLIP_VALUE_NEEDS_SGD, clip_gradients, unscaled
-from lightning_qlab.optimizer import QLAB, RELATIVE_UPDATE, check_settings
+from lightning_qlab.optimizer import QLAB, RELATIVE_UPDATE, RelativeUpdate, check_settings
 from lightning_qlab.trial import TrialForward
 
 __all__ = ["QLABConfig", "QLABMixin"]
@@ -83,9 +83,9 @@ class QLABConfig:
         momentum: heavy-ball coefficient of the momentum direction, passed to QLAB.
         betas: moment decay rates of the adam direction (rmsprop uses ``betas[1]``), passed to QLAB.
         eps: the denominator term of the adam and rmsprop directions, passed to QLAB.
-        relative_update: the move per step, relative to the initial weights' norm, that the step
-            taken leans towards, within a factor 2 of the fitted step (``None``: the fitted step
-            alone), passed to QLAB.
+        relative_update: the band ``[low, high]`` of moves per step, relative to the initial
+            weights' norm, that the step taken leans into, within a factor 2 of the fitted step (a
+            number: one target; ``None``: the fitted step alone), passed to QLAB.
         accumulate_batches: ``k``, the number of micro-batches (training batches) per optimizer
             step. The step uses the mean loss and mean gradient over the k micro-batches and the
             trial forward evaluates the same k micro-batches, so they are kept (by reference)
@@ -116,15 +116,17 @@ class QLABConfig:
     momentum: float = 0.9
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    relative_update: Optional[float] = RELATIVE_UPDATE
+    relative_update: RelativeUpdate = RELATIVE_UPDATE
     accumulate_batches: int = 1
     gradient_clip_norm: Optional[float] = None
     gradient_clip_value: Optional[float] = None
     weight_averaging: bool = True
 
     def __post_init__(self) -> None:
-        # YAML and jsonargparse hand over lists; the field is a tuple so that the config stays hashable.
+        # YAML and jsonargparse hand over lists; the fields are tuples so that the config stays hashable.
         object.__setattr__(self, "betas", tuple(self.betas))
+        if isinstance(self.relative_update, list):
+            object.__setattr__(self, "relative_update", tuple(self.relative_update))
         check_settings(owner="QLABConfig", **self.optimizer_kwargs())
         if not is_integer(self.accumulate_batches) or self.accumulate_batches < 1:
             raise ValueError(

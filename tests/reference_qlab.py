@@ -26,11 +26,12 @@ momentum and adam directions. The held step after a probe (the first probe's war
     a = s                  at the first probe after the warm start
     a = max(a, s)          otherwise
 
-and the step taken until the next probe leans towards a relative update of ``relative_update``
-of the initial weights: with ``(a', |dw'|)`` the size and displacement of the last probing step's
-move and ``|w_0|`` the weights' norm at the first measured move (the first non-zero one),
+and the step taken until the next probe leans into the band ``relative_update = (low, high)`` of
+relative updates of the initial weights (a number x is the band (x, x)): with ``(a', |dw'|)`` the
+size and displacement of the last probing step's move and ``|w_0|`` the weights' norm at the first
+measured move (the first non-zero one),
 
-    r = relative_update * a' * |w_0| / |dw'|
+    r = min(max(a, low * a' * |w_0| / |dw'|), high * a' * |w_0| / |dw'|)
     step = min(max(r, a / 2), 2 a, max(edge / 2 * s, a))
                                      (step = a before the first measured move, or when |dw'| or |w_0|
                                      is 0; after a non-finite trial loss, at most a)
@@ -58,7 +59,7 @@ RESOLVED_CURVATURE_EPS = 32.0  # the warm start trusts A beta^2 above 32 epsilon
 PROBE_EVERY = 8  # safeguarded mode's default probing interval
 PROBE_INTERVAL_GROWTH = 2  # by default the interval may grow to twice probe_every
 ESTIMATE_MEMORY = 0.9  # the weight of the past in the running mean of log a*
-RELATIVE_UPDATE = 5e-3  # the relative update per step the step taken leans towards
+RELATIVE_UPDATE = (4e-3, 8e-3)  # the band of relative updates per step the step taken leans into
 
 EVENT_NAMES = (
     "negative_curvature",
@@ -158,7 +159,7 @@ class ReferenceQLAB:
         mode: str = "safeguarded",
         probe_every: Optional[int] = None,
         max_probe_interval: Optional[int] = None,
-        relative_update: Optional[float] = RELATIVE_UPDATE,
+        relative_update: Optional[float | tuple[float, float]] = RELATIVE_UPDATE,
         loss_eps: float = torch.finfo(torch.float64).eps,
     ) -> None:
         """``loss_eps``: the machine epsilon of the dtype the losses are computed in."""
@@ -174,7 +175,9 @@ class ReferenceQLAB:
         self.next_probe = 1
         self.probed: list[int] = []  # the steps that probed (or tried to: skipped probes included)
         self.trial_distance = float(initial_step)  # also the held step in safeguarded mode
-        self.relative_update = relative_update
+        if isinstance(relative_update, float):  # a number is a band of one value
+            relative_update = (relative_update, relative_update)
+        self.relative_update = relative_update  # (low, high) or None
         self.step_size = float(initial_step)  # the step taken between probes
         self.measured: Optional[tuple[float, float, float]] = None  # (a', |dw'|, |w_0|)
         self.log_sum = 0.0  # the running mean of log a*: its sum and its bias correction
@@ -187,6 +190,7 @@ class ReferenceQLAB:
         self.v: Optional[Tensor] = None  # Adam's and rmsprop's second moment
         self.last: Optional[ReferenceStep] = None
         self.warm_start_moves: list[str] = []  # "halve", "double" or "jump", in order
+        self.leans: list[str] = []  # per lean: "lengthen", "shorten" or "stand" (inside the band)
 
     # -------------------------------------------------------------------- directions
     def update_moments(self, grad: Tensor) -> None:
@@ -235,7 +239,10 @@ class ReferenceQLAB:
         a, moved, norm = self.measured
         if moved == 0.0 or norm == 0.0:  # nothing measured to lean towards
             return held
-        return min(max(self.relative_update * a * norm / moved, held / 2), 2 * held, max(ceiling, held))
+        low, high = self.relative_update
+        target = min(max(held, low * a * norm / moved), high * a * norm / moved)
+        self.leans.append("lengthen" if target > held else "shorten" if target < held else "stand")
+        return min(max(target, held / 2), 2 * held, max(ceiling, held))
 
     def skip(self, event: str) -> None:
         self.events[event] += 1

@@ -194,11 +194,18 @@ def test_print_config_shows_every_qlab_setting(capsys):
     assert model["init_args"]["qlab_config"] == {
         "direction": "adam", "mode": "safeguarded", "initial_step": 0.001, "weight_decay": 0.0,
         "probe_every": None, "max_probe_interval": None, "momentum": 0.9, "betas": [0.9, 0.999], "eps": 1e-8,
-        "relative_update": 0.005, "accumulate_batches": 1,
+        "relative_update": [0.004, 0.008], "accumulate_batches": 1,
         "gradient_clip_norm": None, "gradient_clip_value": None, "weight_averaging": True,
     }
     assert model["init_args"]["optimizer"] is None
     assert printed["data"]["class_path"] == "lightning_qlab.data.MNISTDataModule"
+
+
+@pytest.mark.parametrize("value, expected", [("[0.003, 0.006]", [0.003, 0.006]), ("0.005", 0.005)])
+def test_relative_update_takes_a_band_or_a_number_on_the_command_line(capsys, value, expected):
+    printed = printed_config(capsys, "--config", config("mnist_mlp.yaml"),
+                             "--model.init_args.qlab_config.relative_update", value)
+    assert printed["model"]["init_args"]["qlab_config"]["relative_update"] == expected
 
 
 def test_a_qlab_setting_set_to_null_on_the_command_line_keeps_the_other_settings():

@@ -3,6 +3,7 @@ and the step is skipped without a trace when the loss or the gradient is not fin
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -79,9 +80,13 @@ def test_unknown_mode() -> None:
         (dict(eps=0.0), "eps must be positive"),
         (dict(weight_decay=-0.01), "weight_decay must be non-negative"),
         (dict(weight_decay=math.nan), "weight_decay must be non-negative"),
-        (dict(relative_update=0.0), r"relative_update must be None \(the fitted step alone\) or a positive number"),
+        (dict(relative_update=0.0), r"relative_update must be None \(the fitted step alone\), a positive number"),
         (dict(relative_update=math.inf), "relative_update must be None .*got inf"),
         (dict(relative_update="5e-3"), "relative_update must be None .*got '5e-3'"),
+        (dict(relative_update=(8e-3, 4e-3)), r"a pair of them, low <= high \(a band\), got \(0.008, 0.004\)"),
+        (dict(relative_update=(4e-3,)), r"relative_update must be None .*got \(0.004,\)"),
+        (dict(relative_update=(0.0, 8e-3)), r"relative_update must be None .*got \(0.0, 0.008\)"),
+        (dict(relative_update=(4e-3, "8e-3")), r"relative_update must be None .*got \(0.004, '8e-3'\)"),
         (dict(max_probe_interval=4), r"max_probe_interval must be None .* >= probe_every \(8\), got 4"),
         (dict(probe_every=16, max_probe_interval=8), r">= probe_every \(16\), got 8"),
         (dict(max_probe_interval=64.0), "max_probe_interval must be None .*got 64.0"),
@@ -317,9 +322,27 @@ def test_loading_a_checkpoint_of_another_relative_update() -> None:
     default = QLAB(model.parameters())
     take_steps(model, default, loss_fn, 9)
     opt = QLAB(model.parameters(), relative_update=None)
-    expected = r"relative_update=0.005 but this optimizer uses relative_update=None.*same relative_update"
+    expected = r"relative_update=\(0.004, 0.008\) but this optimizer uses relative_update=None.*same relative_update"
     with pytest.raises(ValueError, match=expected):
         opt.load_state_dict(default.state_dict())
+
+
+def test_a_checkpoint_of_one_relative_update_target_resumes_with_that_target() -> None:
+    """Checkpoints saved before the band record the target as one number: the optimizer built
+    with that number resumes them; the default band says which setting differs."""
+    model, loss_fn = tiny_problem()
+    target = QLAB(model.parameters(), relative_update=5e-3)
+    take_steps(model, target, loss_fn, 9)
+    state = target.state_dict()
+    record = json.loads(state["param_groups"][0]["qlab"])
+    record["relative_update"] = 0.005  # as versions before the band saved it
+    state["param_groups"][0]["qlab"] = json.dumps(record)
+    resumed = QLAB(model.parameters(), relative_update=5e-3)
+    resumed.load_state_dict(state)
+    assert resumed.relative_update == (0.005, 0.005) and resumed.steps == 9
+    expected = r"relative_update=\(0.005, 0.005\) but this optimizer uses relative_update=\(0.004, 0.008\)"
+    with pytest.raises(ValueError, match=expected):
+        QLAB(model.parameters()).load_state_dict(state)
 
 
 def test_collapsed_trial_distance_is_a_clear_error() -> None:

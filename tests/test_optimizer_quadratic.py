@@ -128,8 +128,8 @@ def test_safeguarded_mode_fits_exactly_and_holds_the_step(direction: str) -> Non
     """The first step (warm start) is the exact line-search step from any initial step; every
     later probe fits the exact minimiser along d (capped at GROWTH_LIMIT times the probed
     distance); the held step follows next_held_step from those minimisers, the step taken leans
-    from it towards RELATIVE_UPDATE of the initial weights' norm as measured on the last probing
-    step's move, and the steps
+    from it into the band RELATIVE_UPDATE of the initial weights' norm as measured on the last
+    probing step's move, and the steps
     between probes move by exactly -a u with that a."""
     hessian, k, w0 = random_quadratic([1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 50.0, 100.0], seed=5)
     held, taken, measured, estimate = None, None, None, StepEstimate()

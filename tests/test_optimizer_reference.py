@@ -233,7 +233,7 @@ EXPECTED_FOR_DIRECTION = {
 
 def run_fast_and_reference(problem: Problem, direction: str, mode: str, probe_every: Optional[int] = 3,
                            max_probe_interval: Optional[int] = None,
-                           relative_update: Optional[float] = RELATIVE_UPDATE):
+                           relative_update: Optional[float | tuple[float, float]] = RELATIVE_UPDATE):
     """Run QLAB and the reference side by side; after every step compare everything observable.
 
     Returns the reference (for the branch checks) and the largest relative parameter error seen.
@@ -366,6 +366,24 @@ def test_the_default_schedule_doubles_the_interval_once() -> None:
     assert set(intervals) == {PROBE_EVERY, PROBE_INTERVAL_GROWTH * PROBE_EVERY}, intervals
     ref, _ = run_fast_and_reference(shifting_quadratic_problem(), "adam", "safeguarded", probe_every=PROBE_EVERY)
     assert set(probe_intervals(ref)) == {PROBE_EVERY}
+
+
+def test_the_step_leans_into_the_band_and_stands_inside_it() -> None:
+    """A step whose move lies below the band lengthens, above it shortens and inside it stands,
+    as the reference has it; a band that holds every move trains as no lean at all, and a number
+    is a band of one value."""
+    ref, _ = run_fast_and_reference(shifting_quadratic_problem(), "adam", "safeguarded", probe_every=None,
+                                    relative_update=(2e-2, 4e-2))
+    assert set(ref.leans) == {"lengthen", "shorten", "stand"}
+    wide, _ = run_fast_and_reference(shifting_quadratic_problem(), "adam", "safeguarded", probe_every=None,
+                                     relative_update=(1e-9, 1e9))
+    alone, _ = run_fast_and_reference(shifting_quadratic_problem(), "adam", "safeguarded", probe_every=None,
+                                      relative_update=None)
+    assert set(wide.leans) == {"stand"} and not alone.leans
+    assert (wide.step_size, wide.trial_distance, wide.probed) == (alone.step_size, alone.trial_distance, alone.probed)
+    target, _ = run_fast_and_reference(shifting_quadratic_problem(), "adam", "safeguarded", probe_every=None,
+                                       relative_update=2e-2)
+    assert "stand" not in target.leans
 
 
 @pytest.mark.parametrize("direction", ["adam", "rmsprop"])
