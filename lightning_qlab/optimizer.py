@@ -151,8 +151,8 @@ ESTIMATE_MEMORY = 0.9
 # the MLP, and the fit alone does not tell a short step from a long one; inside the band there is
 # nothing to tell apart, and the fit stays the authority. A single target in the band (5e-3, the
 # default until 2026-12-05) also moved the steps inside it: on MNIST it shortened a held step that
-# moved the weights by 6e-3 to 7e-3 per step to about 0.75x of it, and the first 1000 steps lost 0.3
-# to 0.6 points of accuracy (the README). The norm is the initial one because the weights grow with
+# moved the weights by 6e-3 to 7e-3 per step to about 0.75x of it, and the first 500 steps lost 0.4
+# to 0.75 points of accuracy (the README). The norm is the initial one because the weights grow with
 # the steps taken: a target relative to |w_t| lengthens the very steps that make the weights grow, and
 # on MNIST it ran the step to twice the held step and cost 0.14 points over 3 epochs, 0.53 over 10.
 # Fromage (Bernstein et al., 2020) and Adafactor's relative step (Shazeer & Stern, 2018) set a
