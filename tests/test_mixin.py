@@ -432,6 +432,7 @@ def test_the_mixin_must_come_before_lightning_module():
         (dict(gradient_clip_norm=-1.0), "gradient_clip_norm must be None"),
         (dict(gradient_clip_value=0.1, direction="adam"), "gradient_clip_value works with direction='sgd' only"),
         (dict(betas=(0.9,)), "betas must be two numbers"),
+        (dict(relative_update=[8e-3, 4e-3]), r"QLABConfig: relative_update must be .* low <= high"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, message):
@@ -440,13 +441,15 @@ def test_config_rejects_bad_values(kwargs, message):
 
 
 def test_config_builds_the_optimizer_and_accepts_yaml_lists():
-    config = QLABConfig(direction="adam", betas=[0.8, 0.99], weight_decay=0.01)
-    assert config.betas == (0.8, 0.99)
+    config = QLABConfig(direction="adam", betas=[0.8, 0.99], weight_decay=0.01, relative_update=[3e-3, 6e-3])
+    assert (config.betas, config.relative_update) == ((0.8, 0.99), (3e-3, 6e-3))
+    hash(config)
     model = RegressionNet(config)
     optimizer = model.configure_optimizers()
     assert isinstance(optimizer, QLAB) and optimizer.direction == "adam"
     assert optimizer.param_groups[0]["betas"] == (0.8, 0.99)
     assert optimizer.param_groups[0]["weight_decay"] == 0.01
+    assert optimizer.relative_update == (3e-3, 6e-3)
 
 
 # ------------------------------------------------------------------ what the mixin says at once
