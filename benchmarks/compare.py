@@ -102,8 +102,9 @@ PANELS = {
 class RunRecorder(Callback):
     """Training loss and time per step, validation accuracy against steps and training time.
 
-    Training time counts every batch (data loading included) and leaves validation out, so
-    "time to target" compares optimizers, not evaluation.
+    Training time counts every batch (data loading included) and leaves validation out, and what
+    follows it up to the next batch (the checkpoint it triggers, swapping averaged weights back),
+    so "time to target" compares optimizers, not evaluation.
     """
 
     def __init__(self, metric: str = "acc") -> None:
@@ -151,7 +152,9 @@ class RunRecorder(Callback):
         if value is not None:
             value = 100 * float(value) if self.metric == "acc" else float(value)
             self.val.append({"step": trainer.global_step, "time": self._clock, self.metric: value})
-        self._last = time.perf_counter()  # validation time is not training time
+        # Callbacks after this one save checkpoints and swap weights on validation end: the clock
+        # restarts with the next batch, which drops that batch's loading alike for every optimizer.
+        self._last = None
 
 
 class ScheduleFreeModes(Callback):

@@ -31,6 +31,30 @@ def test_panels_list_every_family() -> None:
     assert "QLAB adam safeguarded beta0=1e-06" in sweep and "QLAB sgd paper beta0=10" in sweep
 
 
+def test_training_time_leaves_out_validation_and_what_follows_it(monkeypatch) -> None:
+    """A batch of 1 s, a validation (3 s) and the checkpoint it triggers (5 s), another batch of
+    1 s: two seconds of training. The hooks are called in Lightning's order, on a clock set by hand."""
+    import torch
+    from types import SimpleNamespace
+    now = [0.0]
+    monkeypatch.setattr(compare.time, "perf_counter", lambda: now[0])
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    trainer = SimpleNamespace(global_step=0, sanity_checking=False, callback_metrics={"val_acc": torch.tensor(0.5)},
+                              optimizers=[optimizer], should_stop=False)
+    recorder = compare.RunRecorder()
+    recorder.on_train_epoch_start(trainer, None)
+    for batch, (start, end) in enumerate([(0.0, 1.0), (9.0, 10.0)]):
+        now[0] = start
+        recorder.on_train_batch_start(trainer, None, None, batch)
+        now[0], trainer.global_step = end, batch + 1
+        recorder.on_train_batch_end(trainer, None, {"loss": torch.tensor(1.0)}, None, batch)
+        if batch == 0:
+            now[0] = 4.0
+            recorder.on_validation_end(trainer, None)  # then the checkpoint, until 9.0
+    assert recorder.train_time == [1.0, 2.0]
+    assert recorder.val == [{"step": 1, "time": 1.0, "acc": 50.0}]
+
+
 def test_harness_runs_and_reports(mnist_root: Path, tmp_path: Path) -> None:
     only = ["QLAB sgd safeguarded", "SGD lr=0.1", "floor"]
     if importlib.util.find_spec("schedulefree"):  # the peer that needs train()/eval() switching
