@@ -7,8 +7,10 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -34,8 +36,6 @@ def test_panels_list_every_family() -> None:
 def test_training_time_leaves_out_validation_and_what_follows_it(monkeypatch) -> None:
     """A batch of 1 s, a validation (3 s) and the checkpoint it triggers (5 s), another batch of
     1 s: two seconds of training. The hooks are called in Lightning's order, on a clock set by hand."""
-    import torch
-    from types import SimpleNamespace
     now = [0.0]
     monkeypatch.setattr(compare.time, "perf_counter", lambda: now[0])
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
