@@ -662,7 +662,7 @@ class QLAB(Optimizer):
             "mode": self.mode,
             "probe_every": self.probe_every,
             "max_probe_interval": self.max_probe_interval,
-            "relative_update": None if self.relative_update is None else list(self.relative_update),
+            "relative_update": self.relative_update,  # the band, a list in JSON
             "last_step": None if self.last_step is None else self.last_step.as_dict(),
         })
         return state

@@ -372,18 +372,15 @@ def test_the_step_leans_into_the_band_and_stands_inside_it() -> None:
     """A step whose move lies below the band lengthens, above it shortens and inside it stands,
     as the reference has it; a band that holds every move trains as no lean at all, and a number
     is a band of one value."""
-    ref, _ = run_fast_and_reference(shifting_quadratic_problem(), "adam", "safeguarded", probe_every=None,
-                                    relative_update=(2e-2, 4e-2))
-    assert set(ref.leans) == {"lengthen", "shorten", "stand"}
-    wide, _ = run_fast_and_reference(shifting_quadratic_problem(), "adam", "safeguarded", probe_every=None,
-                                     relative_update=(1e-9, 1e9))
-    alone, _ = run_fast_and_reference(shifting_quadratic_problem(), "adam", "safeguarded", probe_every=None,
-                                      relative_update=None)
+    def run(relative_update) -> ReferenceQLAB:
+        return run_fast_and_reference(shifting_quadratic_problem(), "adam", "safeguarded", probe_every=None,
+                                      relative_update=relative_update)[0]
+
+    assert set(run((2e-2, 4e-2)).leans) == {"lengthen", "shorten", "stand"}
+    wide, alone = run((1e-9, 1e9)), run(None)
     assert set(wide.leans) == {"stand"} and not alone.leans
     assert (wide.step_size, wide.trial_distance, wide.probed) == (alone.step_size, alone.trial_distance, alone.probed)
-    target, _ = run_fast_and_reference(shifting_quadratic_problem(), "adam", "safeguarded", probe_every=None,
-                                       relative_update=2e-2)
-    assert "stand" not in target.leans
+    assert "stand" not in run(2e-2).leans
 
 
 @pytest.mark.parametrize("direction", ["adam", "rmsprop"])
